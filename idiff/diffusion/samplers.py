@@ -1,0 +1,49 @@
+"""Sampling loops as plain generator functions with one signature.
+
+``sampler(diffusion, model, x_T, *, clip_denoised, denoised_fn, model_kwargs, noise_fn, progress,
+**options)`` yields each step's ``{"sample", "pred_xstart"}``, from t = T-1 down to 0.
+``noise_fn(x)`` draws the fresh noise of a step, shaped like ``x``: pass a per-sample noise
+source to make each image independent of the batch it is drawn in.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+
+def reversed_steps(num_timesteps: int, progress: bool = False):
+    steps = range(num_timesteps - 1, -1, -1)
+    return tqdm(steps, desc="sampling", leave=False) if progress else steps
+
+
+def _loop(step_method, diffusion, model, x, *, progress, **step_kwargs):
+    for step in reversed_steps(diffusion.num_timesteps, progress):
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            out = step_method(model, x, t, **step_kwargs)
+        yield out
+        x = out["sample"]
+
+
+def ancestral(diffusion, model, x, *, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise_fn=None,
+              progress=False):
+    """DDPM ancestral sampling with the model's (learned or fixed) variance."""
+    yield from _loop(diffusion.p_sample, diffusion, model, x, progress=progress, clip_denoised=clip_denoised,
+                     denoised_fn=denoised_fn, model_kwargs=model_kwargs, noise_fn=noise_fn)
+
+
+def ddim(diffusion, model, x, *, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise_fn=None,
+         progress=False, eta=0.0):
+    """DDIM (Song et al. 2021); ``eta`` scales the injected noise, 0 is deterministic."""
+    yield from _loop(diffusion.ddim_sample, diffusion, model, x, progress=progress, clip_denoised=clip_denoised,
+                     denoised_fn=denoised_fn, model_kwargs=model_kwargs, noise_fn=noise_fn, eta=eta)
+
+
+SAMPLERS = {"ancestral": ancestral, "ddim": ddim}
+
+
+def sample(name, diffusion, model, x, **kwargs):
+    """Run sampler ``name`` to the end and return x_0."""
+    final = None
+    for final in SAMPLERS[name](diffusion, model, x, **kwargs):
+        pass
+    return final["sample"]
