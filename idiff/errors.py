@@ -1,0 +1,7 @@
+"""Errors that are the user's to fix: the CLI prints the message (no traceback) and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input: a spec, a flag, a file or a directory. The message names it."""
+
+    exit_code = 2
