@@ -5,3 +5,9 @@ class UserError(Exception):
     """Bad input: a spec, a flag, a file or a directory. The message names it."""
 
     exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run stopped for a reason its message explains (e.g. it diverged); exit 1, no traceback."""
+
+    exit_code = 1

@@ -61,13 +61,13 @@ def _complete(flags, defaults, factory):
 def create_model_and_diffusion(**flags):
     """(UNetModel, diffusion) from the original's flags; missing flags take their defaults."""
     f = _complete(flags, model_and_diffusion_defaults(), "create_model_and_diffusion")
-    return create_model(f["image_size"], **_model_kwargs(f)), _diffusion_from_flags(f)
+    return create_model(f["image_size"], **_model_kwargs(f)), diffusion_from_flags(f)
 
 
 def sr_create_model_and_diffusion(**flags):
     """(SuperResModel, diffusion) from the original's super-resolution flags."""
     f = _complete(flags, sr_model_and_diffusion_defaults(), "sr_create_model_and_diffusion")
-    return sr_create_model(f["large_size"], f["small_size"], **_model_kwargs(f)), _diffusion_from_flags(f)
+    return sr_create_model(f["large_size"], f["small_size"], **_model_kwargs(f)), diffusion_from_flags(f)
 
 
 def _model_kwargs(f):
@@ -76,7 +76,7 @@ def _model_kwargs(f):
     return {name: f[name] for name in names}
 
 
-def _diffusion_from_flags(f):
+def diffusion_from_flags(f):
     return create_gaussian_diffusion(
         steps=f["diffusion_steps"], learn_sigma=f["learn_sigma"], sigma_small=f.get("sigma_small", False),
         noise_schedule=f["noise_schedule"], use_kl=f["use_kl"], predict_xstart=f["predict_xstart"],

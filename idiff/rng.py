@@ -24,8 +24,11 @@ class Stream(enum.IntEnum):
 
 
 def derive_seed(*keys: int) -> int:
-    """A 64-bit seed from non-negative integer keys (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    """A 64-bit seed from non-negative integer keys (numpy's SeedSequence hashing).
+
+    The key count is hashed too: SeedSequence alone ignores trailing zeros, so (s, 7) and (s, 7, 0) would collide.
+    """
+    return int(np.random.SeedSequence([len(keys), *(int(k) for k in keys)]).generate_state(1, dtype=np.uint64)[0])
 
 
 def generators(seed: int, stream: Stream, indices, *prefix: int) -> list[torch.Generator]:

@@ -67,6 +67,16 @@ def atomic_write_text(path, text: str) -> dict:
     return atomic_write_bytes(path, text.encode())
 
 
+def append_text(path, text: str) -> None:
+    """Append to a log file; blob stores cannot append, so there the (small) file is rewritten."""
+    if is_remote(path):
+        previous = bf.read_text(path) if bf.exists(path) else ""
+        bf.write_text(path, previous + text)
+    else:
+        with open(path, "a") as f:
+            f.write(text)
+
+
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -1,0 +1,184 @@
+"""``idiff``: validate, run and inspect jobs. Thin: parse, validate, dispatch."""
+
+import argparse
+import sys
+
+from .errors import RunFailed, UserError
+
+RUN_KINDS = ("train", "sample", "evaluate")
+
+
+def _add_run_command(subparsers, kind):
+    from .jobs.flags import add_flag_arguments
+
+    p = subparsers.add_parser(kind, help=f"run a {kind} job", description=(
+        f"Run a {kind} job from a YAML spec and/or the original scripts' flags (flags override the spec)."))
+    p.add_argument("spec", nargs="?", help="job spec YAML (optional when flags describe the job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a spec value, e.g. --set train.lr=2e-5 (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks to start on this machine (default: 1)")
+    p.add_argument("--force-new", action="store_true",
+                   help="the run dir holds another spec: move it aside and start afresh")
+    p.add_argument("--name", help="run name (default: from the spec, or a digest of the flags)")
+    add_flag_arguments(p, kind)
+    p.set_defaults(handler=_run)
+
+
+def build_spec(kind: str, args) -> "object":
+    """Spec file (if any) + original flags + --set overrides, validated."""
+    from .jobs.flags import flag_values, merge, spec_from_flags
+    from .jobs.io import SpecError, apply_overrides, parse_spec, read_spec_data
+
+    fragment = flag_values(args, kind)
+    if getattr(args, "name", None):
+        fragment["name"] = args.name
+    if args.spec:
+        data, text = read_spec_data(args.spec)
+        if data.get("kind", kind) != kind:
+            raise SpecError(f"{args.spec} is a {data.get('kind')} spec; run it with `idiff {data.get('kind')}`")
+        source = args.spec
+        data = merge({"kind": kind, **data}, fragment)
+    else:
+        data, text, source = spec_from_flags(kind, fragment), None, "flags"
+    return parse_spec(apply_overrides(data, args.overrides), source=source, text=text)
+
+
+def _without_nproc(argv):
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
+
+
+def _run(args, argv) -> int:
+    from .launch.env import detect_rank_env
+    from .launch.runner import exit_code, run_job
+
+    spec = build_spec(args.command, args)
+    if args.nproc > 1 and detect_rank_env().world_size == 1:
+        from .jobs.io import check_run_dir
+        from .launch.local import run_local_ranks
+
+        check_run_dir(spec, args.force_new)  # fail before starting anything
+        return run_local_ranks(_without_nproc(argv), args.nproc)
+    return exit_code(run_job(spec, force_new=args.force_new))
+
+
+def _validate(args, argv) -> int:
+    from .jobs.io import load_spec
+
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.overrides)
+        except UserError as err:
+            print(err, file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok: {spec_summary(spec)}")
+    return 2 if failed else 0
+
+
+def spec_summary(spec) -> str:
+    r = spec.resources
+    where = f"{r.nodes} node(s) x {r.ranks_per_node} rank(s)"
+    if spec.kind == "train":
+        m, t = spec.model, spec.train
+        end = f"{t.max_steps} steps" if t.max_steps else f"{t.max_images} images"
+        size = f"{m.small_size}->{m.large_size}px" if m.is_super_res else f"{m.image_size}px"
+        return (f"train {spec.name}: {size}, {m.num_channels}ch x {m.num_res_blocks} blocks, "
+                f"T={spec.diffusion.diffusion_steps} {spec.diffusion.noise_schedule}, batch {t.batch_size}, "
+                f"lr {t.lr:g}, {end}, {t.precision}; {where} -> {spec.run_dir}")
+    if spec.kind == "sample":
+        s = spec.sample
+        how = f"ddim {s.timestep_respacing or 'all steps'}" if s.use_ddim else f"ancestral {s.timestep_respacing or 'all steps'}"
+        return f"sample {spec.name}: {s.num_samples} images, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
+    return f"evaluate {spec.name}: {', '.join(spec.evaluate.metrics)}; {where} -> {spec.run_dir}"
+
+
+def _spec(args, argv) -> int:
+    if args.docs:
+        from .jobs.docs import spec_reference
+
+        print(spec_reference(), end="")
+        return 0
+    if args.schema:
+        import json
+
+        from pydantic import TypeAdapter
+
+        from .jobs.spec import JobSpec
+
+        print(json.dumps(TypeAdapter(JobSpec).json_schema(), indent=1))
+        return 0
+    from .jobs.io import dump_spec
+
+    kind, rest = args.kind, list(args.flags)
+    sub = argparse.ArgumentParser(prog=f"idiff spec --from-flags {kind}")
+    _add_run_command(sub.add_subparsers(dest="command"), kind)
+    parsed = sub.parse_args([kind, *rest])
+    print(dump_spec(build_spec(kind, parsed)), end="")
+    return 0
+
+
+def _status(args, argv) -> int:
+    from .status import print_status
+
+    return print_status(args.run_dir)
+
+
+def _collect(args, argv) -> int:
+    from .collect import main as collect_main
+
+    return collect_main(args.rest)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idiff", description=(
+        "Improved DDPM as batch jobs: train, sample and evaluate from YAML specs, on a laptop, "
+        "under mpiexec, in Docker or on Slurm (idiff-submit)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for kind in RUN_KINDS:
+        _add_run_command(sub, kind)
+    p = sub.add_parser("validate", help="check specs; one summary line each")
+    p.add_argument("specs", nargs="+", help="spec files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(handler=_validate)
+    p = sub.add_parser("spec", help="print the spec a flag invocation means, or the spec reference")
+    p.add_argument("--from-flags", dest="kind", choices=RUN_KINDS, help="the job kind whose flags follow")
+    p.add_argument("--docs", action="store_true", help="print the spec reference (markdown)")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="the original scripts' flags")
+    p.set_defaults(handler=_spec)
+    p = sub.add_parser("status", help="step, checkpoints, last loss and job history of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=_status)
+    p = sub.add_parser("collect", help="merge sample shards (same as idiff-collect)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_collect)
+    from .data.cli import register as register_data
+
+    register_data(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "spec" and not (args.docs or args.schema or args.kind):
+        parser.error("spec: pass --from-flags KIND ..., --docs or --schema")
+    try:
+        return args.handler(args, argv) if args.command != "data" else args.func(args)
+    except (UserError, RunFailed) as err:
+        print(f"idiff: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Reading job specs from YAML, ``--set`` overrides, and error messages that name the field and line."""
+
+import difflib
+import typing
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+import datetime
+import os
+
+from .. import storage
+from ..errors import UserError
+from ..run_dir import RunDir
+from .spec import KINDS, Job, JobSpec
+
+_ADAPTER = TypeAdapter(JobSpec)
+
+
+class SpecError(UserError):
+    pass
+
+
+def load_spec(path, overrides=()) -> Job:
+    """Validate the YAML file at ``path`` with ``--set`` style ``overrides`` applied."""
+    data, text = read_spec_data(path)
+    return parse_spec(apply_overrides(data, overrides), source=str(path), text=text)
+
+
+def read_spec_data(path) -> tuple[dict, str]:
+    """The raw mapping of a YAML spec file (not validated yet) and its text."""
+    path = str(path)
+    if not storage.exists(path):
+        raise SpecError(f"{path}: no such spec file")
+    text = storage.read_text(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping with at least 'kind' and 'name'")
+    return data, text
+
+
+def parse_spec(data: dict, source: str = "<spec>", text: str | None = None) -> Job:
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, data, source, text)) from None
+
+
+def dump_spec(spec: Job) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """``["train.lr=2e-5", "resources.nodes=2"]`` -> nested keys set; values parse as YAML."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-5")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+# ----------------------------------------------------------------------------- error messages
+def format_validation_error(err: ValidationError, data: dict, source: str, text: str | None) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for error in err.errors():
+        loc = list(error["loc"])
+        if loc and loc[0] in KINDS:  # the discriminated union prefixes the kind
+            loc = loc[1:]
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(text, loc) if text else None
+        where = f"line {line}: " if line else ""
+        lines.append(f"  {where}{dotted}: {_describe(error, data, loc)}")
+    return "\n".join(lines)
+
+
+def _describe(error, data, loc) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(_job_class(data), loc[:-1])
+        names = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        if close:
+            return f"unknown key; did you mean {close[0]!r}?"
+        return f"unknown key (known: {', '.join(names)})"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return f"kind must be one of {', '.join(KINDS)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        return "required, but missing"
+    if "input" in error and kind not in ("value_error", "assertion_error") and not isinstance(error["input"], dict):
+        return f"{message} (got {error['input']!r})"
+    return message
+
+
+def _job_class(data):
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return KINDS.get(kind, Job)
+
+
+def _model_at(cls, loc):
+    for part in loc:
+        if cls is None or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        cls = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return cls
+
+
+def _line_of(text, loc):
+    """1-based line of the deepest key of ``loc`` present in the YAML text."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+        if match is None:
+            break
+        line = match[0].start_mark.line + 1
+        node = match[1]
+    return line
+
+
+# ----------------------------------------------------------------------------- run dirs
+def check_run_dir(spec: Job, force_new: bool = False) -> None:
+    """Refuse a run dir that holds another computation; writes nothing."""
+    run_dir = RunDir(spec.run_dir)
+    saved = run_dir.saved_spec()
+    if saved is None:
+        return
+    if force_new:
+        if storage.is_remote(run_dir.path):
+            raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
+        return
+    previous = parse_spec({**saved, "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
+    if previous.run_hash() != spec.run_hash():
+        exclude = {"resources", "run_dir"}
+        changed = _differences(previous.model_dump(mode="json", exclude=exclude), spec.model_dump(mode="json", exclude=exclude))
+        raise SpecError(
+            f"{run_dir.path} holds a run of another spec (changed: {', '.join(changed[:8])}); resume it with "
+            f"the identical spec, choose another run_dir, or pass --force-new to move the old run aside"
+        )
+
+
+def claim_run_dir(spec: Job, force_new: bool = False) -> RunDir:
+    """Rank 0 only: take the run dir for ``spec``, moving a previous run aside with ``force_new``."""
+    check_run_dir(spec, force_new)
+    run_dir = RunDir(spec.run_dir)
+    if force_new and storage.exists(run_dir / "spec.yaml"):
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
+    storage.makedirs(run_dir.path)
+    storage.atomic_write_text(run_dir / "spec.yaml", dump_spec(spec))
+    return run_dir
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else []
+    if not keys:
+        return [prefix.rstrip(".")] if a != b else []
+    return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]

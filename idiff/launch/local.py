@@ -1,0 +1,67 @@
+"""``--nproc N``: N ranks on this machine, each a fresh process with torchrun-style variables.
+
+Signals sent to the launcher (Slurm's USR2/TERM, Ctrl-C) are forwarded to every rank, and the
+ranks die with the launcher (PR_SET_PDEATHSIG), so a killed launcher never leaves orphans training.
+"""
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_local_ranks(argv: list[str], nproc: int) -> int:
+    """Run ``idiff <argv>`` as ``nproc`` ranks; the exit code is the first failure's, else 0."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "IDIFF_LAUNCHER": "local"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "idiff.cli", *argv], env=env,
+                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return _wait(procs)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait(procs, grace_s: float = 30.0) -> int:
+    """Wait for all ranks; once one fails, give the others ``grace_s`` to notice, then kill them."""
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        codes = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if codes and failed_at is None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+    code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell reports it

@@ -1,0 +1,157 @@
+"""Sample jobs: images in shards that survive preemption, independent of ranks and batch size.
+
+Sample i is a pure function of (model, seed, i): its label, x_T and every step's noise come from
+one generator seeded by (seed, i). Shards are pure functions of their index range, so a requeued
+job only draws the ranges no complete shard covers, and any world size gives the same images.
+"""
+
+import contextlib
+import io
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import rng, storage, weights
+from .collect import collect, scan_shards, shard_name
+from .diffusion import samplers
+from .errors import UserError
+from .launch.env import RankEnv
+from .launch.signals import any_rank
+from .run_dir import RunDir
+from .visualize import to_uint8
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def draw_images(model, diffusion, indices, *, seed, image_size, use_ddim=False, eta=0.0, clip_denoised=True,
+                labels=None, num_classes=None, low_res=None, precision="fp32", device="cpu", stream=rng.Stream.SAMPLE):
+    """uint8 NHWC images (and labels) for sample ``indices``.
+
+    ``labels``: None (unconditional), a label per index, or "random" (drawn from each sample's own
+    generator among ``num_classes``); ``low_res``: the super-resolution model's inputs, per index.
+    """
+    gens = rng.generators(seed, stream, indices)
+    if isinstance(labels, str):
+        labels = [int(torch.randint(num_classes, (), generator=g)) for g in gens]
+    x_t = rng.normal(gens, (3, image_size, image_size), device)
+    model_kwargs = {}
+    if labels is not None:
+        model_kwargs["y"] = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if low_res is not None:
+        model_kwargs["low_res"] = low_res.to(device)
+    options = {"eta": eta} if use_ddim else {}
+    autocast = torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision]) \
+        if precision in AUTOCAST_DTYPES else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        x_0 = samplers.sample("ddim" if use_ddim else "ancestral", diffusion, model, x_t, clip_denoised=clip_denoised,
+                              model_kwargs=model_kwargs, noise_fn=rng.PerSampleNoise(gens), **options)
+    return to_uint8(x_0), (np.asarray(labels, dtype=np.int64) if labels is not None else None)
+
+
+def rank_ranges(num_samples: int, global_batch: int, rank: int, world_size: int):
+    """This rank's contiguous part of each global batch: [(start, end), ...]."""
+    ranges = []
+    for batch_start in range(0, num_samples, global_batch):
+        batch_end = min(batch_start + global_batch, num_samples)
+        bounds = np.linspace(batch_start, batch_end, world_size + 1).round().astype(int)
+        if bounds[rank + 1] > bounds[rank]:
+            ranges.append((int(bounds[rank]), int(bounds[rank + 1])))
+    return ranges
+
+
+def missing_parts(start: int, end: int, covered: list[tuple[int, int]]):
+    """Sub-ranges of [start, end) that no covered range includes."""
+    parts, cursor = [], start
+    for a, b in sorted(covered):
+        if b <= cursor or a >= end:
+            continue
+        if a > cursor:
+            parts.append((cursor, a))
+        cursor = max(cursor, b)
+    if cursor < end:
+        parts.append((cursor, end))
+    return parts
+
+
+def labels_for(indices, mode, num_classes):
+    """Labels of a class-conditional job; 'random' is drawn from each sample's own generator later."""
+    if mode == "random":
+        return "random"
+    if mode == "balanced":
+        return [i % num_classes for i in indices]
+    return [mode[i % len(mode)] for i in indices]
+
+
+def run_sample(spec, env: RankEnv, should_suspend=lambda: False) -> str:
+    s = spec.sample
+    source = weights.resolve(spec, s)
+    model, diffusion = source.build(env.device, timestep_respacing=s.timestep_respacing)
+    flags = source.flags
+    super_res = flags.get("large_size") is not None
+    image_size = flags["large_size"] if super_res else flags["image_size"]
+    class_cond = flags["class_cond"]
+    if isinstance(s.class_labels, list) and class_cond and max(s.class_labels) >= model.num_classes:
+        raise UserError(f"sample.class_labels: {max(s.class_labels)} is not a label of this model "
+                        f"({model.num_classes} classes)")
+    num_classes = len(source.classes) if source.classes else model.num_classes
+    base = _base_samples(s, super_res, class_cond)
+
+    run_dir = RunDir(spec.run_dir)
+    covered = [(shard.start, shard.end) for shard in scan_shards(run_dir.samples)]
+    todo = [part for a, b in rank_ranges(s.num_samples, s.batch_size, env.rank, env.world_size)
+            for part in missing_parts(a, b, covered)]
+    if env.is_main:
+        done = sum(b - a for a, b in covered)
+        print(f"idiff: sampling {s.num_samples} images ({done} already in shards), {env.describe()}",
+              file=sys.stderr, flush=True)
+    for start, end in tqdm(todo, desc="sample", unit="shard", disable=not (env.is_main and sys.stderr.isatty())):
+        if should_suspend():
+            break  # complete shards are kept; a rerun draws only what is missing
+        indices = list(range(start, end))
+        labels = labels_for(indices, s.class_labels, num_classes) if class_cond else None
+        low_res = None
+        if base is not None:
+            low_res = torch.from_numpy(base["arr_0"][start:end]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            if class_cond and "arr_1" in base:
+                labels = base["arr_1"][start:end].tolist()
+        images, labels = draw_images(model, diffusion, indices, seed=s.seed, image_size=image_size,
+                                     use_ddim=s.use_ddim, eta=s.eta, clip_denoised=s.clip_denoised, labels=labels,
+                                     num_classes=num_classes, low_res=low_res, precision=s.precision, device=env.device)
+        _write_shard(run_dir.samples, start, end, images, labels)
+    if any_rank(bool(should_suspend()), env.device):
+        return "preempted"
+    if env.world_size > 1:
+        dist.barrier()
+    if env.is_main:
+        out = collect(run_dir.samples, output_dir=run_dir.path, force=True)
+        print(f"idiff: wrote {out}", file=sys.stderr, flush=True)
+    return "completed"
+
+
+def _base_samples(s, super_res, class_cond):
+    if not super_res:
+        if s.base_samples:
+            raise UserError("sample.base_samples is only for super-resolution models (model.large_size)")
+        return None
+    if not s.base_samples:
+        raise UserError("a super-resolution model needs sample.base_samples (an .npz of low-res images)")
+    if not storage.exists(s.base_samples):
+        raise UserError(f"sample.base_samples: {s.base_samples} does not exist")
+    base = dict(np.load(io.BytesIO(storage.read_bytes(s.base_samples))))
+    if len(base["arr_0"]) < s.num_samples:
+        raise UserError(f"sample.base_samples holds {len(base['arr_0'])} images, fewer than num_samples={s.num_samples}")
+    if class_cond and "arr_1" not in base:
+        raise UserError(f"{s.base_samples} has no labels (arr_1), which a class-conditional upsampler needs")
+    return base
+
+
+def _write_shard(folder, start, end, images, labels):
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.atomic_write_bytes(storage.join(folder, shard_name(start, end)), buffer.getvalue())

@@ -1,0 +1,151 @@
+"""Checkpoints: the original's file names, written atomically, counted only when their manifest matches.
+
+A checkpoint at step S is ``model{S:06d}.pt``, ``ema_{rate}_{S:06d}.pt`` per rate, ``opt{S:06d}.pt``,
+``state{S:06d}.pt`` and, written last, ``checkpoint{S:06d}.json`` with each file's size and sha256.
+A crash at any point leaves either the previous complete checkpoint or the new one, never a mix.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import warnings
+
+from .. import storage
+
+_MANIFEST = re.compile(r"^checkpoint(\d{6,})\.json$")
+_STEP_FILE = re.compile(r"^(?:model|opt|state|ema_[0-9.e-]+_)(\d{6,})\.pt$")
+
+# Test hook: "STEP:PREFIX" makes the writer SIGKILL its own process right after writing the file of
+# that step starting with PREFIX, i.e. in the middle of a checkpoint, as a node failure would.
+KILL_DURING_SAVE_ENV = "IDIFF_TEST_KILL_DURING_SAVE"
+
+
+def checkpoint_files(step: int, ema_rates) -> dict[str, str]:
+    """Role -> file name of the checkpoint at ``step``."""
+    files = {"model": f"model{step:06d}.pt", "opt": f"opt{step:06d}.pt", "state": f"state{step:06d}.pt"}
+    files.update({f"ema_{rate}": f"ema_{rate}_{step:06d}.pt" for rate in ema_rates})
+    return files
+
+
+def step_of(filename: str) -> int | None:
+    """The step in a checkpoint file name such as model012000.pt or ema_0.9999_012000.pt."""
+    match = _STEP_FILE.match(os.path.basename(filename)) or _MANIFEST.match(os.path.basename(filename))
+    return int(match.group(1)) if match else None
+
+
+class CheckpointStore:
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def path(self, name) -> str:
+        return storage.join(self.folder, name)
+
+    def manifest_path(self, step) -> str:
+        return self.path(f"checkpoint{step:06d}.json")
+
+    def write(self, step: int, payloads: dict, meta: dict) -> None:
+        """Write each ``{file name: object}`` atomically, then the manifest that makes them count."""
+        storage.makedirs(self.folder)
+        files = {}
+        for name, obj in payloads.items():
+            files[name] = storage.atomic_write_bytes(self.path(name), storage.torch_bytes(obj))
+            _maybe_die(step, name)
+        manifest = {"step": step, "files": files, **meta}
+        storage.atomic_write_text(self.manifest_path(step), json.dumps(manifest, indent=1))
+
+    def steps(self) -> list[int]:
+        """Steps that have a manifest (complete or not), ascending."""
+        if not storage.isdir(self.folder):
+            return []
+        return sorted(int(m.group(1)) for name in storage.listdir(self.folder) if (m := _MANIFEST.match(name)))
+
+    def manifest(self, step: int) -> dict:
+        return json.loads(storage.read_text(self.manifest_path(step)))
+
+    def problem(self, step: int) -> str | None:
+        """Why the checkpoint at ``step`` cannot be used, or None when every file matches its manifest."""
+        try:
+            manifest = self.manifest(step)
+        except (OSError, ValueError) as err:
+            return f"unreadable manifest ({err})"
+        for name, expected in manifest["files"].items():
+            path = self.path(name)
+            if not storage.exists(path):
+                return f"{name} is missing"
+            if storage.file_digest(path) != expected:
+                return f"{name} does not match its manifest (truncated or corrupt)"
+        return None
+
+    def latest_complete(self) -> int | None:
+        """The newest usable checkpoint; incomplete or corrupt ones are skipped with a warning naming them."""
+        for step in reversed(self.steps()):
+            problem = self.problem(step)
+            if problem is None:
+                return step
+            warnings.warn(f"skipping checkpoint {self.manifest_path(step)}: {problem}")
+        return None
+
+    def load(self, name: str):
+        return storage.load_torch(self.path(name))
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writes that a crash interrupted."""
+        if storage.is_remote(self.folder) or not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(self.folder, name))
+
+    def prune(self, keep_last: int | None, keep_every: int | None) -> list[int]:
+        """Delete old checkpoints: all but the newest ``keep_last``, except multiples of ``keep_every``."""
+        if not keep_last:
+            return []
+        steps = self.steps()
+        doomed = [s for s in steps[:-keep_last] if not (keep_every and s % keep_every == 0)]
+        for step in doomed:
+            files = self.manifest(step)["files"]
+            storage.remove(self.manifest_path(step))  # first, so a half-pruned checkpoint never counts
+            for name in files:
+                storage.remove(self.path(name))
+        return doomed
+
+
+def _maybe_die(step, name):
+    target = os.environ.get(KILL_DURING_SAVE_ENV)
+    if target:
+        target_step, prefix = target.split(":", 1)
+        if int(target_step) == step and name.startswith(prefix):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time on a thread, so that training does not wait on storage."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+        self._thread = None
+        self._error = None
+
+    def submit(self, step, payloads, meta, after=None) -> None:
+        self.wait()
+
+        def run():
+            try:
+                self.store.write(step, payloads, meta)
+                if after is not None:
+                    after()
+            except BaseException as err:  # re-raised in the training thread by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -1,0 +1,368 @@
+"""The training loop: DDP, microbatches, mixed precision, EMA, checkpoints, exact resume.
+
+Every source of randomness is either derived from keys (noise and timesteps from
+(seed, step, global sample index); data order from (seed, epoch)) or saved in the checkpoint
+(dropout's per-rank torch RNG), so an interrupted and resumed run equals an uninterrupted one
+bit for bit, and the same global batch is drawn whatever the world size.
+"""
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .. import rng, storage
+from ..data import ImageDataset, ShardedLoader
+from ..diffusion.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
+from ..errors import RunFailed, UserError
+from ..factory import create_any_model_and_diffusion
+from ..launch.batch import choose_microbatch, per_rank_batch
+from ..launch.env import RankEnv
+from ..launch.signals import any_rank
+from ..run_dir import RunDir
+from ..visualize import plot_losses
+from .checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
+from .ema import EMA
+from .metrics import MetricsLog, StepStats
+from .preview import preview_grid
+
+COMPLETED, PREEMPTED = "completed", "preempted"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train(spec, env: RankEnv, *, should_suspend=lambda: False) -> str:
+    """Train ``spec`` (a TrainJob) on this rank until it ends or is suspended: "completed" / "preempted".
+
+    :param should_suspend: polled at every step boundary (a preemption flag); all ranks agree before acting.
+    """
+    cfg, device = spec.train, env.device
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    run_dir = RunDir(spec.run_dir)
+    store = CheckpointStore(run_dir.checkpoints)
+    dataset = ImageDataset(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
+                           random_flip=cfg.random_flip, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
+    _check_labels(spec, dataset, run_dir, env)
+
+    _seed_process(cfg.seed)  # identical initial weights on every rank and for every world size
+    model, diffusion = create_any_model_and_diffusion(spec.model_flags())
+    model.to(device)
+    params = list(model.parameters())
+    rank_batch = per_rank_batch(cfg.batch_size, env.world_size)
+    microbatch = choose_microbatch(cfg.microbatch, rank_batch,
+                                   fits=_memory_probe(model, diffusion, spec, device) if device.type == "cuda" else None)
+    sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    ema = EMA(model, cfg.ema_rates) if env.is_main else None
+    loader = ShardedLoader(dataset, global_batch=cfg.batch_size, rank=env.rank, world_size=env.world_size,
+                           seed=cfg.seed, num_workers=cfg.num_workers, device=device)
+
+    step = _restore(spec, env, store, model, opt, ema, sampler, scaler, loader)
+    images_seen = step * cfg.batch_size
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if env.world_size > 1 else model
+    forward = torch.compile(ddp) if cfg.compile else ddp
+    log = MetricsLog(run_dir.path) if env.is_main else None
+    if env.is_main:
+        print(f"idiff: {env.describe()}; global batch {cfg.batch_size} = {env.world_size} ranks x {rank_batch}, "
+              f"microbatch {microbatch}; {sum(p.numel() for p in params):,} parameters; start at step {step}",
+              file=sys.stderr, flush=True)
+
+    writer = BackgroundWriter(store) if env.is_main else None
+    stats = StepStats(diffusion.num_timesteps, device)
+    total_steps = cfg.max_steps or math.ceil(cfg.max_images / cfg.batch_size)
+    if cfg.max_images:
+        total_steps = min(total_steps, math.ceil(cfg.max_images / cfg.batch_size))
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (env.is_main and sys.stderr.isatty()))
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision]) \
+        if cfg.precision in AUTOCAST_DTYPES else contextlib.nullcontext()
+    nonfinite_in_a_row = nonfinite_total = 0
+    last_saved = step  # a resumed run's start is saved already; a fresh start has nothing to save
+    data = iter(loader)
+    tick, tick_step = time.perf_counter(), step
+
+    def save(now: int, *, wait: bool) -> None:
+        payloads, meta = _snapshot(now, spec, env, model, opt, ema, sampler, scaler, loader, nonfinite_total)
+        if env.is_main:
+            after = (lambda: store.prune(cfg.keep_last, cfg.keep_every))
+            writer.submit(now, payloads, meta, after=after)
+            if cfg.sample_grid:
+                preview_grid(spec, ema, cfg.ema_rates[0], model, run_dir / f"samples_{now:06d}.png", device,
+                             num_labels=len(dataset.classes) if dataset.classes else None)
+            rows = log.rows()
+            if rows:
+                plot_losses(rows, run_dir / "loss.png")
+            if wait:
+                writer.wait()
+        if wait and env.world_size > 1:
+            dist.barrier()  # nobody leaves (and the job is not requeued) before the checkpoint is complete
+
+    status = COMPLETED
+    while step < total_steps:
+        if any_rank(bool(should_suspend()), device):
+            status = PREEMPTED
+            break
+        batch = next(data)
+        x = batch.images
+        cond = {"y": batch.labels} if spec.model.class_cond else {}
+        if spec.model.is_super_res:
+            cond["low_res"] = F.interpolate(x, spec.model.small_size, mode="area")
+        # Per-example randomness keyed by (seed, step, index in the global batch): world-size independent.
+        global_index = torch.arange(rank_batch) + env.rank * rank_batch
+        gens = rng.generators(cfg.seed, rng.Stream.TRAIN_NOISE, global_index.tolist(), step)
+        uniforms = np.array([torch.rand((), generator=g, dtype=torch.float64).item() for g in gens])
+        noise = rng.normal(gens, x.shape[1:], device)
+        t, weights = sampler.sample_from_uniforms(uniforms, device)
+
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * (1 - step / cfg.lr_anneal_steps) if cfg.lr_anneal_steps else cfg.lr
+        opt.zero_grad(set_to_none=True)
+        all_losses = []
+        for start in range(0, rank_batch, microbatch):
+            end = min(start + microbatch, rank_batch)
+            last = end == rank_batch
+            sync = contextlib.nullcontext() if last or env.world_size == 1 else ddp.no_sync()
+            with sync:
+                with autocast:
+                    losses = diffusion.training_losses(forward, x[start:end], t[start:end], noise=noise[start:end],
+                                                       model_kwargs={k: v[start:end] for k, v in cond.items()})
+                # Sum / rank batch: microbatched gradients equal the whole batch's; DDP then averages ranks.
+                loss = (losses["loss"] * weights[start:end]).sum() / rank_batch
+                scaler.scale(loss).backward()
+            stats.add_losses(t[start:end], losses, weights[start:end])
+            all_losses.append(losses["loss"].detach())
+        if isinstance(sampler, LossAwareSampler):
+            _update_sampler(sampler, global_index, t, torch.cat(all_losses), env)
+
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        if torch.isfinite(grad_norm):  # the step's one host sync; identical on all ranks (reduced grads)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
+            stats.add_grad_norm(grad_norm)
+            nonfinite_in_a_row = 0
+        else:
+            scaler.update()
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                _diverged(step, nonfinite_in_a_row, store, writer)
+        step += 1
+        images_seen += cfg.batch_size
+        bar.update(1)
+
+        if step % cfg.log_interval == 0 or step == total_steps:
+            row = stats.reduce()
+            elapsed = time.perf_counter() - tick
+            row.update(step=step, images_seen=images_seen, lr=opt.param_groups[0]["lr"], loss_scale=scaler.get_scale(),
+                       nonfinite_steps=nonfinite_total, step_time_s=elapsed / max(step - tick_step, 1),
+                       images_per_s=cfg.batch_size * (step - tick_step) / max(elapsed, 1e-9))
+            tick, tick_step = time.perf_counter(), step
+            if env.is_main:
+                log.write(row)
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{row['images_per_s']:.1f}")
+        if step % cfg.save_interval == 0 and step < total_steps:
+            save(step, wait=False)
+            last_saved = step
+
+    bar.close()
+    if last_saved != step:
+        save(step, wait=True)
+    elif env.is_main:
+        writer.wait()
+    if env.world_size > 1:
+        dist.barrier()
+    return status
+
+
+def _check_labels(spec, dataset, run_dir, env):
+    if not spec.model.class_cond:
+        return
+    if len(dataset.classes) > spec.model.num_classes:
+        raise UserError(f"{spec.train.data_dir} has {len(dataset.classes)} classes but model.num_classes is "
+                        f"{spec.model.num_classes}")
+    if env.is_main:
+        storage.atomic_write_text(run_dir / "classes.json", json.dumps(dataset.classes, indent=1))
+
+
+def _memory_probe(model, diffusion, spec, device):
+    """fits(n): can a forward+backward of n images run on this GPU?"""
+    size = spec.model.output_size
+
+    def fits(n):
+        try:
+            x = torch.zeros(n, 3, size, size, device=device)
+            t = torch.zeros(n, dtype=torch.long, device=device)
+            kwargs = {"y": torch.zeros(n, dtype=torch.long, device=device)} if spec.model.class_cond else {}
+            if spec.model.is_super_res:
+                kwargs["low_res"] = torch.zeros(n, 3, spec.model.small_size, spec.model.small_size, device=device)
+            with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(spec.train.precision, torch.float32),
+                                enabled=spec.train.precision in AUTOCAST_DTYPES):
+                diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].sum().backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    return fits
+
+
+def _update_sampler(sampler, global_index, t, losses, env):
+    """Feed the whole global batch's losses in global-index order, whatever the world size."""
+    local = torch.stack([global_index.double(), t.double().cpu(), losses.double().cpu()], dim=1)
+    if env.world_size > 1:
+        gathered = [torch.empty_like(local) for _ in range(env.world_size)]
+        dist.all_gather(gathered, local)
+        local = torch.cat(gathered)
+    local = local[local[:, 0].argsort()]
+    sampler.update_with_all_losses(local[:, 1].long().tolist(), local[:, 2].tolist())
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
+                                                       "pos": int(np_state[2])},
+             "python": _python_state_to_lists(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _python_state_to_lists(state):
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy().astype(np.uint32), state["numpy"]["pos"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_process(seed: int, *keys: int) -> None:
+    derived = rng.derive_seed(seed, rng.Stream.PROCESS, *keys)
+    torch.manual_seed(derived)
+    np.random.seed(derived % 2**32)
+    random.seed(derived)
+
+
+def _snapshot(step, spec, env, model, opt, ema, sampler, scaler, loader, nonfinite_total):
+    """Everything that makes step+1 what it is, as CPU objects (rank 0 gets them; a collective)."""
+    rng_states = [None] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(rng_states, _rng_state())
+    else:
+        rng_states = [_rng_state()]
+    if not env.is_main:
+        return None, None
+    files = checkpoint_files(step, spec.train.ema_rates)
+    payloads = {
+        files["model"]: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        files["opt"]: _cpu(opt.state_dict()),
+        files["state"]: {
+            "step": step, "images_seen": step * spec.train.batch_size, "world_size": env.world_size,
+            "schedule_sampler": sampler.state_dict(), "rng": rng_states, "data": loader.state_dict(),
+            "grad_scaler": scaler.state_dict(), "run_hash": spec.run_hash(), "nonfinite_steps": nonfinite_total,
+        },
+    }
+    for rate in spec.train.ema_rates:
+        payloads[files[f"ema_{rate}"]] = ema.state_dict(rate)
+    return payloads, {"run_hash": spec.run_hash(), "images_seen": step * spec.train.batch_size}
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _restore(spec, env, store, model, opt, ema, sampler, scaler, loader) -> int:
+    """Resume from the newest complete checkpoint in the run dir, else from ``resume_checkpoint``."""
+    step = None
+    if env.is_main:
+        store.remove_stale_temporaries()
+        step = store.latest_complete()
+    if env.world_size > 1:
+        box = [step]
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+    if step is not None:
+        _load_checkpoint(store, step, spec, env, model, opt, ema, sampler, scaler, loader)
+        return step
+    _seed_process(spec.train.seed, env.rank)
+    if spec.train.resume_checkpoint:
+        return _load_resume_checkpoint(spec, env, model, opt, ema, sampler, scaler, loader)
+    return 0
+
+
+def _load_checkpoint(store, step, spec, env, model, opt, ema, sampler, scaler, loader):
+    files = checkpoint_files(step, spec.train.ema_rates)
+    state = store.load(files["state"])
+    if state["run_hash"] != spec.run_hash():
+        raise UserError(f"{store.manifest_path(step)} belongs to another spec (run hash {state['run_hash']})")
+    model.load_state_dict(store.load(files["model"]))
+    opt.load_state_dict(store.load(files["opt"]))
+    sampler.load_state_dict(state["schedule_sampler"])
+    scaler.load_state_dict(state["grad_scaler"])
+    loader.load_state_dict(state["data"])
+    if ema is not None:
+        for rate in spec.train.ema_rates:
+            ema.load_state_dict(rate, store.load(files[f"ema_{rate}"]))
+    if state["world_size"] == env.world_size:
+        _set_rng_state(state["rng"][env.rank])
+    else:
+        if spec.model.dropout > 0:
+            warnings.warn(f"resuming on {env.world_size} ranks (was {state['world_size']}): dropout masks "
+                          f"will differ from an uninterrupted run")
+        _seed_process(spec.train.seed, env.rank, step, state["world_size"])
+
+
+def _load_resume_checkpoint(spec, env, model, opt, ema, sampler, scaler, loader) -> int:
+    """The original's resume_checkpoint: a run's model*.pt resumes that run's checkpoint (if complete);
+    any other weights file (e.g. a released .pt) starts a fine-tuning run with fresh optimizer state."""
+    path = spec.train.resume_checkpoint
+    if not storage.exists(path):
+        raise UserError(f"train.resume_checkpoint: {path} does not exist")
+    step = step_of(path)
+    sibling = CheckpointStore(storage.join(*path.replace("\\", "/").split("/")[:-1]) or ".")
+    if step is not None and step in sibling.steps() and sibling.problem(step) is None:
+        _load_checkpoint(sibling, step, spec, env, model, opt, ema, sampler, scaler, loader)
+        return step
+    model.load_state_dict(storage.load_torch(path))
+    if ema is not None:
+        for rate in spec.train.ema_rates:
+            ema.load_state_dict(rate, dict(model.named_parameters()))
+    return 0
+
+
+def _diverged(step, count, store, writer):
+    if writer is not None:
+        writer.wait()
+    good = store.latest_complete()
+    where = store.manifest_path(good) if good is not None else "none was written"
+    raise RunFailed(
+        f"training stopped at step {step}: {count} non-finite steps in a row (loss or gradients inf/NaN). "
+        f"The run dir keeps its last good checkpoint ({where}); lower train.lr, use precision bf16, or check the data."
+    )

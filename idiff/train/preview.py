@@ -1,0 +1,30 @@
+"""The sample grid written at each save: a short DDIM chain from the EMA weights, fixed seeds."""
+
+import copy
+import warnings
+
+import torch
+
+from .. import rng
+from ..factory import diffusion_from_flags
+from ..sample import draw_images
+from ..visualize import image_grid
+
+
+def preview_grid(spec, ema, rate, model, path, device, num_labels=None) -> None:
+    """``num_labels``: labels the data has (class-conditional models get them round robin)."""
+    cfg = spec.train
+    if spec.model.is_super_res:
+        warnings.warn("no sample grid for super-resolution models: they need low-resolution inputs", stacklevel=2)
+        return
+    ema_model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p, shadow in zip(ema_model.parameters(), ema.shadows[rate]):
+            p.copy_(shadow)
+    diffusion = diffusion_from_flags({**spec.model_flags(), "timestep_respacing": str(cfg.sample_grid_steps)})
+    indices = list(range(cfg.sample_grid))
+    labels = [i % (num_labels or spec.model.num_classes) for i in indices] if spec.model.class_cond else None
+    images, _ = draw_images(ema_model, diffusion, indices, seed=cfg.seed, image_size=spec.model.image_size,
+                            use_ddim=True, labels=labels, precision=cfg.precision, device=device,
+                            stream=rng.Stream.PREVIEW)
+    image_grid(images, path)
