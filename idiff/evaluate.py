@@ -28,7 +28,7 @@ from .sample import missing_parts, rank_ranges
 FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": "prc"}
 
 
-def run_evaluate(spec, env: RankEnv, should_suspend=lambda: False) -> str:
+def run_evaluate(spec, env: RankEnv, hooks=None) -> str:
     e = spec.evaluate
     run_dir = RunDir(spec.run_dir)
     results = {}
@@ -68,7 +68,7 @@ def _nll(spec, env, run_dir, should_suspend) -> str:
     todo = [part for a, b in rank_ranges(num, e.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
     for start, end in tqdm(todo, desc="nll", unit="batch", disable=not (env.is_main and sys.stderr.isatty())):
-        if should_suspend():
+        if hooks.should_suspend():
             break  # parts written so far are kept; a rerun continues from them
         examples = [dataset[i] for i in range(start, end)]
         x = torch.from_numpy(np.stack([ex.image for ex in examples])).to(env.device)
@@ -81,7 +81,7 @@ def _nll(spec, env, run_dir, should_suspend) -> str:
         buffer = io.BytesIO()
         np.savez(buffer, **{k: v.cpu().numpy() for k, v in out.items()})
         storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
-    if any_rank(bool(should_suspend()), env.device):
+    if any_rank(bool(hooks.should_suspend()), env.device):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()

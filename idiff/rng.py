@@ -21,6 +21,7 @@ class Stream(enum.IntEnum):
     NLL = 5
     PREVIEW = 6
     PROCESS = 7
+    SYNTHETIC = 8
 
 
 def derive_seed(*keys: int) -> int:

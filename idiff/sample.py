@@ -85,7 +85,7 @@ def labels_for(indices, mode, num_classes):
     return [mode[i % len(mode)] for i in indices]
 
 
-def run_sample(spec, env: RankEnv, should_suspend=lambda: False) -> str:
+def run_sample(spec, env: RankEnv, hooks=None) -> str:
     s = spec.sample
     source = weights.resolve(spec, s)
     model, diffusion = source.build(env.device, timestep_respacing=s.timestep_respacing)
@@ -108,7 +108,7 @@ def run_sample(spec, env: RankEnv, should_suspend=lambda: False) -> str:
         print(f"idiff: sampling {s.num_samples} images ({done} already in shards), {env.describe()}",
               file=sys.stderr, flush=True)
     for start, end in tqdm(todo, desc="sample", unit="shard", disable=not (env.is_main and sys.stderr.isatty())):
-        if should_suspend():
+        if hooks.should_suspend():
             break  # complete shards are kept; a rerun draws only what is missing
         indices = list(range(start, end))
         labels = labels_for(indices, s.class_labels, num_classes) if class_cond else None
@@ -121,7 +121,7 @@ def run_sample(spec, env: RankEnv, should_suspend=lambda: False) -> str:
                                      use_ddim=s.use_ddim, eta=s.eta, clip_denoised=s.clip_denoised, labels=labels,
                                      num_classes=num_classes, low_res=low_res, precision=s.precision, device=env.device)
         _write_shard(run_dir.samples, start, end, images, labels)
-    if any_rank(bool(should_suspend()), env.device):
+    if any_rank(bool(hooks.should_suspend()), env.device):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()

@@ -1,0 +1,7 @@
+"""Training images: the reader (files, labels, pixels), the sharded loader, and preparation commands."""
+
+from .loader import Batch, ShardedLoader, epoch_order, load_data
+from .reader import IMAGE_EXTENSIONS, DataError, ImageDataset, list_image_files
+
+__all__ = ["ImageDataset", "ShardedLoader", "Batch", "DataError", "load_data", "epoch_order",
+           "list_image_files", "IMAGE_EXTENSIONS"]

@@ -20,6 +20,7 @@ class RankEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
     launcher: str = "single"
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
@@ -46,7 +47,7 @@ def detect_rank_env(environ=None) -> RankEnv:
     if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
         return RankEnv(
             rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-            launcher=env.get("IDIFF_LAUNCHER", "torchrun"), master_addr=env["MASTER_ADDR"],
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)), launcher=env.get("IDIFF_LAUNCHER", "torchrun"), master_addr=env["MASTER_ADDR"],
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
@@ -54,7 +55,9 @@ def detect_rank_env(environ=None) -> RankEnv:
         restarts = int(env.get("SLURM_RESTART_COUNT", 0))
         return RankEnv(
             rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_STEP_NUM_TASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)), launcher="slurm",
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=int(env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]),
+            launcher="slurm",
             master_addr=first_slurm_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
             # Derived from the job (and its requeue count) so that concurrent jobs sharing a node differ.
             master_port=20000 + (int(env["SLURM_JOB_ID"]) * 13 + restarts) % 20000,
@@ -92,8 +95,23 @@ def _mpi_env() -> RankEnv:
             s.bind(("", 0))
             address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
     address = comm.bcast(address, root=0)
-    return RankEnv(rank=comm.rank, world_size=comm.size, local_rank=local.rank, launcher="mpi",
+    return RankEnv(rank=comm.rank, world_size=comm.size, local_rank=local.rank, local_world_size=local.size,
+                   launcher="mpi",
                    master_addr=address[0], master_port=address[1])
+
+
+def configure_threads(env: RankEnv, environ=None) -> int:
+    """CPU threads for this rank: ranks on one node share its cores (oversubscribed OpenMP spins slow
+    everything down many times). An explicit OMP_NUM_THREADS wins; Slurm's cpus-per-task is next."""
+    environ = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in environ:
+        threads = int(environ["OMP_NUM_THREADS"])
+    elif "SLURM_CPUS_PER_TASK" in environ and env.launcher == "slurm":
+        threads = int(environ["SLURM_CPUS_PER_TASK"])
+    else:
+        threads = max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def init_distributed(env: RankEnv) -> None:

@@ -4,10 +4,11 @@ import sys
 
 import torch.distributed as dist
 
+from .. import storage
 from ..errors import UserError
 from ..jobs.io import check_run_dir, claim_run_dir
 from ..run_dir import RunDir
-from .env import detect_rank_env, init_distributed, shutdown_distributed
+from .env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
 from .signals import PreemptionFlag
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
@@ -27,29 +28,40 @@ def job_body(kind):
     return run_evaluate
 
 
+class JobHooks:
+    """What a job body calls back: ``begin()`` once its inputs are checked (rank 0 takes the run dir,
+    the others wait), and ``should_suspend()`` at every step boundary."""
+
+    def __init__(self, spec, env, *, force_new=False, preemption: PreemptionFlag | None = None):
+        self.spec, self.env, self.force_new, self.preemption = spec, env, force_new, preemption
+
+    def begin(self) -> RunDir:
+        if self.env.is_main:
+            run_dir = claim_run_dir(self.spec, self.force_new)
+            run_dir.record("start", kind=self.spec.kind, launcher=self.env.launcher, world_size=self.env.world_size,
+                           slurm_job_id=self.env.slurm_job_id, restart_count=self.env.restart_count)
+        if self.env.world_size > 1:
+            dist.barrier()
+        return RunDir(self.spec.run_dir)
+
+    def should_suspend(self) -> bool:
+        return self.preemption is not None and self.preemption.received is not None
+
+
 def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None = None, env=None) -> str:
     """Run ``spec`` on this rank: "completed" or "preempted" (a checkpoint was written first)."""
     env = env or detect_rank_env()
     check_run_dir(spec, force_new)  # every rank, before anything is written: they all fail alike
     flag = preemption or PreemptionFlag().install()
+    configure_threads(env)
     init_distributed(env)
+    status = "failed"
     try:
-        if env.is_main:
-            claim_run_dir(spec, force_new)
-        if env.world_size > 1:
-            dist.barrier()
-        run_dir = RunDir(spec.run_dir)
-        if env.is_main:
-            run_dir.record("start", kind=spec.kind, launcher=env.launcher, world_size=env.world_size,
-                           slurm_job_id=env.slurm_job_id, restart_count=env.restart_count)
-        status = "failed"
-        try:
-            status = job_body(spec.kind)(spec, env, should_suspend=lambda: flag.received is not None)
-        finally:
-            if env.is_main:
-                run_dir.record("end", status=status, signal=flag.received)
+        status = job_body(spec.kind)(spec, env, JobHooks(spec, env, force_new=force_new, preemption=flag))
         return status
     finally:
+        if env.is_main and storage.exists(RunDir(spec.run_dir) / "spec.yaml"):
+            RunDir(spec.run_dir).record("end", status=status, signal=flag.received)
         if preemption is None:
             flag.uninstall()
         shutdown_distributed()

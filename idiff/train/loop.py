@@ -40,24 +40,34 @@ COMPLETED, PREEMPTED = "completed", "preempted"
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(spec, env: RankEnv, *, should_suspend=lambda: False) -> str:
+def train(spec, env: RankEnv, hooks=None) -> str:
     """Train ``spec`` (a TrainJob) on this rank until it ends or is suspended: "completed" / "preempted".
 
-    :param should_suspend: polled at every step boundary (a preemption flag); all ranks agree before acting.
+    :param hooks: ``begin()`` takes the run dir once the inputs are checked; ``should_suspend()`` is
+        polled at every step boundary (the preemption flag) and all ranks agree before acting on it.
     """
+    from ..launch.runner import JobHooks
+
+    hooks = hooks or JobHooks(spec, env)
     cfg, device = spec.train, env.device
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    run_dir = RunDir(spec.run_dir)
-    store = CheckpointStore(run_dir.checkpoints)
     dataset = ImageDataset(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
                            random_flip=cfg.random_flip, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
-    _check_labels(spec, dataset, run_dir, env)
+    if spec.model.class_cond and len(dataset.classes) > spec.model.num_classes:
+        raise UserError(f"{cfg.data_dir} has {len(dataset.classes)} classes but model.num_classes is "
+                        f"{spec.model.num_classes}")
+    rank_batch = per_rank_batch(cfg.batch_size, env.world_size)
+    if isinstance(cfg.microbatch, int):
+        choose_microbatch(cfg.microbatch, rank_batch)  # fails before anything is written
+    run_dir = hooks.begin()
+    store = CheckpointStore(run_dir.checkpoints)
+    if spec.model.class_cond and env.is_main:
+        storage.atomic_write_text(run_dir / "classes.json", json.dumps(dataset.classes, indent=1))
 
     _seed_process(cfg.seed)  # identical initial weights on every rank and for every world size
     model, diffusion = create_any_model_and_diffusion(spec.model_flags())
     model.to(device)
     params = list(model.parameters())
-    rank_batch = per_rank_batch(cfg.batch_size, env.world_size)
     microbatch = choose_microbatch(cfg.microbatch, rank_batch,
                                    fits=_memory_probe(model, diffusion, spec, device) if device.type == "cuda" else None)
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
@@ -110,7 +120,7 @@ def train(spec, env: RankEnv, *, should_suspend=lambda: False) -> str:
 
     status = COMPLETED
     while step < total_steps:
-        if any_rank(bool(should_suspend()), device):
+        if any_rank(hooks.should_suspend(), device):
             status = PREEMPTED
             break
         batch = next(data)
@@ -186,16 +196,6 @@ def train(spec, env: RankEnv, *, should_suspend=lambda: False) -> str:
     if env.world_size > 1:
         dist.barrier()
     return status
-
-
-def _check_labels(spec, dataset, run_dir, env):
-    if not spec.model.class_cond:
-        return
-    if len(dataset.classes) > spec.model.num_classes:
-        raise UserError(f"{spec.train.data_dir} has {len(dataset.classes)} classes but model.num_classes is "
-                        f"{spec.model.num_classes}")
-    if env.is_main:
-        storage.atomic_write_text(run_dir / "classes.json", json.dumps(dataset.classes, indent=1))
 
 
 def _memory_probe(model, diffusion, spec, device):

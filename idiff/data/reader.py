@@ -1,0 +1,191 @@
+"""An image folder read as the original improved-diffusion reads it: same files, labels and pixels.
+
+Files: every .jpg .jpeg .png .gif (any case) below the folder, found by one recursive listing
+(local paths, gs://, az:// through blobfile). Label: the file name's prefix before the first "_".
+Pixels: RGB, halved with BOX while the short side is at least twice the target, BICUBIC to the
+target short side, center crop, scaled to [-1, 1], channels first.
+
+One difference from improved-diffusion: it converts to RGB after resizing, so palette images were
+resized with nearest neighbour and RGBA ones with premultiplied alpha. Converting first (as
+guided-diffusion does) fixes that and gives the same pixels for RGB and grayscale files.
+"""
+
+import concurrent.futures
+import hashlib
+import logging
+from typing import NamedTuple
+
+import blobfile as bf
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..rng import Stream, derive_seed
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+EXTENSION_LIST = " ".join(f".{ext}" for ext in IMAGE_EXTENSIONS)
+# What Pillow raises for a file it cannot decode: unknown format, truncation, broken chunks, bombs.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class DataError(UserError):
+    """A data folder, image or preparation input that cannot be used as it is."""
+
+
+class Example(NamedTuple):
+    image: np.ndarray  # float32 [3, H, W] in [-1, 1]
+    label: int  # -1 without classes
+    position: int  # global stream position, -1 when read outside a stream
+    index: int  # into ImageDataset.files
+    upscaled: bool  # the file was smaller than the target size
+
+
+def is_image_name(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_image_files(data_dir: str) -> list[str]:
+    """Image paths relative to ``data_dir``, in the original's order: sorted names, depth first."""
+    try:
+        entries = sorted(bf.scandir(data_dir), key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"data_dir {data_dir} is not a folder: expected one holding {EXTENSION_LIST} files") from None
+    found = []
+    for entry in entries:
+        if entry.is_dir:
+            found.extend(f"{entry.name}/{rel}" for rel in list_image_files(bf.join(data_dir, entry.name)))
+        elif is_image_name(entry.name):
+            found.append(entry.name)
+    return found
+
+
+def fingerprint(relative_paths: list[str]) -> str:
+    """Identity of a file list: the same relative paths in the same order give the same value."""
+    return hashlib.sha256("\n".join(relative_paths).encode()).hexdigest()
+
+
+def class_prefix(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.split("_", 1)[0] if "_" in name else ""
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` of an [H, W, C] array; odd margins leave the extra pixel at the end."""
+    top = (arr.shape[0] - size) // 2
+    left = (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """The original's resize and crop of a decoded image: float32 [3, size, size] in [-1, 1].
+
+    The conversion to RGB comes after resizing, as in the original: Pillow resizes palette images
+    with nearest-neighbour and RGBA ones with premultiplied alpha, and results must stay comparable.
+    """
+    # BOX halving first (what Pillow's reducing_gap does) keeps large downscales from aliasing.
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = center_crop(np.asarray(image.convert("RGB")), size).astype(np.float32) / 127.5 - 1
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode(path: str) -> Image.Image:
+    """The fully decoded image, or DataError naming the file."""
+    try:
+        with bf.BlobFile(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+        return image
+    except DECODE_ERRORS as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def flip_at(seed: int, position: int) -> bool:
+    """The random-flip decision for one stream position: independent of workers, ranks and resumes."""
+    return derive_seed(seed, Stream.DATA_FLIP, position) % 2 == 1
+
+
+class ImageDataset:
+    """The image files under ``data_dir`` with their labels; ``read`` gives one preprocessed example."""
+
+    def __init__(self, data_dir: str, image_size: int, class_cond: bool = False, random_flip: bool = False,
+                 seed: int = 0, skip_corrupt: bool = False):
+        if not data_dir:
+            raise DataError("no data_dir given")
+        self.data_dir = str(data_dir)
+        self.image_size = image_size
+        self.random_flip = random_flip
+        self.seed = seed
+        relative = list_image_files(self.data_dir)
+        if not relative:
+            raise DataError(f"no images under {self.data_dir}: expected files ending in {EXTENSION_LIST}")
+        # None: sizes unknown until read, so the loader counts upscaled images as it goes.
+        self.num_upscaled: int | None = None
+        if skip_corrupt:
+            relative = self._readable(relative)
+        self.files = [bf.join(self.data_dir, rel) for rel in relative]
+        self.fingerprint = fingerprint(relative)
+        self.classes, self.labels = self._labels() if class_cond else (None, None)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.read(index)
+
+    def read(self, index: int, position: int = -1) -> Example:
+        """File ``index`` preprocessed; with random_flip, mirrored as decided for stream ``position``."""
+        path = self.files[index]
+        image = decode(path)
+        arr = preprocess(image, self.image_size)
+        if self.random_flip and position >= 0 and flip_at(self.seed, position):
+            arr = np.ascontiguousarray(arr[:, :, ::-1])
+        label = self.labels[index] if self.labels is not None else -1
+        return Example(arr, label, position, index, min(image.size) < self.image_size)
+
+    def _labels(self) -> tuple[list[str], list[int]]:
+        prefixes = [class_prefix(path) for path in self.files]
+        unlabelled = [path for path, prefix in zip(self.files, prefixes) if not prefix]
+        if unlabelled:
+            raise DataError(
+                f"class_cond needs a class prefix before '_' in every file name; {len(unlabelled)} of "
+                f"{len(self.files)} files under {self.data_dir} have none, e.g. {unlabelled[0]}")
+        classes = sorted(set(prefixes))
+        class_index = {name: i for i, name in enumerate(classes)}
+        return classes, [class_index[prefix] for prefix in prefixes]
+
+    def _readable(self, relative: list[str]) -> list[str]:
+        """Decode every file once (skip_corrupt): keep the readable ones, count the small ones."""
+        paths = [bf.join(self.data_dir, rel) for rel in relative]
+        # Threads: Pillow decodes without the GIL, and blob stores answer many requests at once.
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            sides = list(tqdm(pool.map(_short_side_or_none, paths), total=len(paths),
+                              desc=f"verifying {self.data_dir}", unit="img"))
+        corrupt = [path for path, side in zip(paths, sides) if side is None]
+        if corrupt:
+            log.warning("skipped %d unreadable of %d images under %s, e.g. %s",
+                        len(corrupt), len(paths), self.data_dir, corrupt[0])
+        if len(corrupt) == len(paths):
+            raise DataError(f"no readable images under {self.data_dir}: all {len(paths)} failed to decode")
+        readable = [side for side in sides if side is not None]
+        self.num_upscaled = sum(side < self.image_size for side in readable)
+        warn_upscaled(self.num_upscaled, len(readable), self.image_size, f"under {self.data_dir}")
+        return [rel for rel, side in zip(relative, sides) if side is not None]
+
+
+def _short_side_or_none(path: str) -> int | None:
+    try:
+        return min(decode(path).size)
+    except DataError:
+        return None
+
+
+def warn_upscaled(count: int, total: int, image_size: int, where: str) -> None:
+    if count:
+        log.warning("%d of %d images %s are smaller than %d px: upscaled (bicubic) as the original does",
+                    count, total, where, image_size)
