@@ -138,22 +138,10 @@ def train(spec, env: RankEnv, hooks=None) -> str:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (1 - step / cfg.lr_anneal_steps) if cfg.lr_anneal_steps else cfg.lr
         opt.zero_grad(set_to_none=True)
-        all_losses = []
-        for start in range(0, rank_batch, microbatch):
-            end = min(start + microbatch, rank_batch)
-            last = end == rank_batch
-            sync = contextlib.nullcontext() if last or env.world_size == 1 else ddp.no_sync()
-            with sync:
-                with autocast:
-                    losses = diffusion.training_losses(forward, x[start:end], t[start:end], noise=noise[start:end],
-                                                       model_kwargs={k: v[start:end] for k, v in cond.items()})
-                # Sum / rank batch: microbatched gradients equal the whole batch's; DDP then averages ranks.
-                loss = (losses["loss"] * weights[start:end]).sum() / rank_batch
-                scaler.scale(loss).backward()
-            stats.add_losses(t[start:end], losses, weights[start:end])
-            all_losses.append(losses["loss"].detach())
+        losses = accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, microbatch=microbatch,
+                                      scaler=scaler, autocast=autocast, stats=stats)
         if isinstance(sampler, LossAwareSampler):
-            _update_sampler(sampler, global_index, t, torch.cat(all_losses), env)
+            _update_sampler(sampler, global_index, t, losses, env)
 
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
@@ -196,6 +184,32 @@ def train(spec, env: RankEnv, hooks=None) -> str:
     if env.world_size > 1:
         dist.barrier()
     return status
+
+
+def accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, *, microbatch, scaler=None,
+                         autocast=contextlib.nullcontext(), stats=None):
+    """Backward of this rank's batch in microbatches; returns the per-example losses.
+
+    Each microbatch's weighted loss is summed and divided by the whole rank batch, so the
+    accumulated gradient is the rank batch's mean; DDP syncs only on the last microbatch and
+    averages over ranks, giving the global batch's mean gradient whatever the split.
+    """
+    rank_batch = x.shape[0]
+    distributed = isinstance(ddp, DistributedDataParallel)
+    per_example = []
+    for start in range(0, rank_batch, microbatch):
+        end = min(start + microbatch, rank_batch)
+        sync = ddp.no_sync() if distributed and end < rank_batch else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                losses = diffusion.training_losses(forward, x[start:end], t[start:end], noise=noise[start:end],
+                                                   model_kwargs={k: v[start:end] for k, v in cond.items()})
+            loss = (losses["loss"] * weights[start:end]).sum() / rank_batch
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if stats is not None:
+            stats.add_losses(t[start:end], losses, weights[start:end])
+        per_example.append(losses["loss"].detach())
+    return torch.cat(per_example)
 
 
 def _memory_probe(model, diffusion, spec, device):

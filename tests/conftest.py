@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny synthetic dataset, tiny specs, and running the real ``idiff`` command."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from idiff.data.prepare import synthetic
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+TEST_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def require_service(available: bool, what: str) -> None:
+    """Skip (with the reason printed) on a machine without ``what``; under CI=true that is a failure."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is not available, but CI must provide it (.ci/run starts it)")
+    pytest.skip(f"{what} is not available on this machine")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """64 labelled 16px images, made by ``idiff data synthetic``'s code."""
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    synthetic(str(out), n=64, image_size=16, classes=2, seed=0)
+    return str(out)
+
+
+TINY_MODEL = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "8",
+              "channel_mult": "1,2", "learn_sigma": True}
+
+
+def tiny_spec(data_dir, run_dir, **train) -> dict:
+    """A train spec of a 0.76M-parameter model that runs a step in ~50 ms on the CPU."""
+    return {
+        "kind": "train", "name": "tiny", "run_dir": str(run_dir), "model": dict(TINY_MODEL),
+        "diffusion": {"diffusion_steps": 50, "noise_schedule": "cosine"},
+        "train": {"data_dir": str(data_dir), "batch_size": 8, "max_steps": 12, "save_interval": 4, "log_interval": 1,
+                  "num_workers": 1, "sample_grid": 0, "deterministic": True, "ema_rate": "0.9,0.99", **train},
+    }
+
+
+def write_spec(path, spec: dict) -> str:
+    Path(path).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def idiff(*args, check=True, timeout=300, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real command line in a fresh process."""
+    result = subprocess.run([sys.executable, "-m", "idiff.cli", *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout, env={**TEST_ENV, **(env or {})}, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"idiff {' '.join(map(str, args))} exited {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
+def start_idiff(*args, env=None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "idiff.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**TEST_ENV, **(env or {})},
+                            start_new_session=True, **kwargs)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_tensors(a, b, exact=True, atol=0.0):
+    """Equal nested dicts/lists of tensors: bitwise, or within ``atol``."""
+    if isinstance(a, torch.Tensor):
+        if exact:
+            assert torch.equal(a, b), f"differ by {(a.double() - b.double()).abs().max().item():.3g}"
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k], exact, atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y, exact, atol)
+    else:
+        assert a == b
+
+
+def final_files(run_dir, step, rates=("0.9", "0.99")):
+    folder = Path(run_dir) / "checkpoints"
+    names = [f"model{step:06d}.pt", f"opt{step:06d}.pt", *[f"ema_{r}_{step:06d}.pt" for r in rates]]
+    return {name: load(folder / name) for name in names}
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
