@@ -52,7 +52,12 @@ def cluster_problem() -> str | None:
     """Why the cluster cannot be used, or None."""
     if shutil.which("sinfo") is None:
         return "sinfo not found: no Slurm here (start one with: sudo bash slurm/start-cluster.sh)"
-    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    try:
+        result = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s: is slurmctld running?"
     if result.returncode != 0:
         return f"sinfo failed, is slurmctld running? ({result.stderr.strip()})"
     missing = set(NODES) - set(result.stdout.split())

@@ -332,18 +332,16 @@ def _restore(spec, env, store, model, opt, ema, sampler, scaler, loader) -> int:
 
 
 def _load_checkpoint(store, step, spec, env, model, opt, ema, sampler, scaler, loader):
+    """Everything of checkpoint ``step``: the run continues exactly where it stopped."""
     files = checkpoint_files(step, spec.train.ema_rates)
     state = store.load(files["state"])
     if state["run_hash"] != spec.run_hash():
-        raise UserError(f"{store.manifest_path(step)} belongs to another spec (run hash {state['run_hash']})")
-    model.load_state_dict(store.load(files["model"]))
-    opt.load_state_dict(store.load(files["opt"]))
+        raise UserError(f"{store.manifest_path(step)} belongs to another spec (run hash {state['run_hash']}); "
+                        f"use another run_dir, or resume_checkpoint to start a new run from its weights")
+    _load_weights(store, files, spec, model, opt, ema)
     sampler.load_state_dict(state["schedule_sampler"])
     scaler.load_state_dict(state["grad_scaler"])
     loader.load_state_dict(state["data"])
-    if ema is not None:
-        for rate in spec.train.ema_rates:
-            ema.load_state_dict(rate, store.load(files[f"ema_{rate}"]))
     if state["world_size"] == env.world_size:
         _set_rng_state(state["rng"][env.rank])
     else:
@@ -353,17 +351,41 @@ def _load_checkpoint(store, step, spec, env, model, opt, ema, sampler, scaler, l
         _seed_process(spec.train.seed, env.rank, step, state["world_size"])
 
 
+def _load_weights(store, files, spec, model, opt, ema, *, optional=False):
+    """Model, optimizer and EMA files of one checkpoint; ``optional`` skips the ones that are absent."""
+    model.load_state_dict(store.load(files["model"]))
+    if not optional or storage.exists(store.path(files["opt"])):
+        opt.load_state_dict(store.load(files["opt"]))
+    if ema is not None:
+        for rate in spec.train.ema_rates:
+            name = files[f"ema_{rate}"]
+            if not optional or storage.exists(store.path(name)):
+                ema.load_state_dict(rate, store.load(name))
+            else:
+                ema.load_state_dict(rate, dict(model.named_parameters()))
+
+
 def _load_resume_checkpoint(spec, env, model, opt, ema, sampler, scaler, loader) -> int:
-    """The original's resume_checkpoint: a run's model*.pt resumes that run's checkpoint (if complete);
-    any other weights file (e.g. a released .pt) starts a fine-tuning run with fresh optimizer state."""
+    """The original's resume_checkpoint.
+
+    A complete checkpoint of this same spec resumes exactly. Any other ``model{step}.pt`` starts a
+    new run (step 0) from its weights, with the optimizer and EMA files beside it when there are
+    some (e.g. a second phase at a lower lr); a bare weights file (a released .pt) fine-tunes with
+    fresh optimizer state and EMAs that start at the weights.
+    """
     path = spec.train.resume_checkpoint
     if not storage.exists(path):
         raise UserError(f"train.resume_checkpoint: {path} does not exist")
     step = step_of(path)
-    sibling = CheckpointStore(storage.join(*path.replace("\\", "/").split("/")[:-1]) or ".")
+    folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    sibling = CheckpointStore(folder)
     if step is not None and step in sibling.steps() and sibling.problem(step) is None:
-        _load_checkpoint(sibling, step, spec, env, model, opt, ema, sampler, scaler, loader)
-        return step
+        files = checkpoint_files(step, spec.train.ema_rates)
+        if sibling.load(files["state"])["run_hash"] == spec.run_hash():
+            _load_checkpoint(sibling, step, spec, env, model, opt, ema, sampler, scaler, loader)
+            return step
+        _load_weights(sibling, {**files, "model": name}, spec, model, opt, ema, optional=True)
+        return 0
     model.load_state_dict(storage.load_torch(path))
     if ema is not None:
         for rate in spec.train.ema_rates:
