@@ -34,7 +34,7 @@ def build_spec(kind: str, args) -> "object":
         fragment["name"] = args.name
     if args.spec:
         data, text = read_spec_data(args.spec)
-        if data.get("kind", kind) != kind:
+        if data.get("kind", kind) != kind and data.get("kind") in RUN_KINDS:
             raise SpecError(f"{args.spec} is a {data.get('kind')} spec; run it with `idiff {data.get('kind')}`")
         source = args.spec
         data = merge({"kind": kind, **data}, fragment)
@@ -118,7 +118,7 @@ def _spec(args, argv) -> int:
         return 0
     from .jobs.io import dump_spec
 
-    kind, rest = args.kind, list(args.flags)
+    kind, rest = args.kind, list(args.flags)  # everything argparse did not know: the job's flags
     sub = argparse.ArgumentParser(prog=f"idiff spec --from-flags {kind}")
     _add_run_command(sub.add_subparsers(dest="command"), kind)
     parsed = sub.parse_args([kind, *rest])
@@ -153,7 +153,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-flags", dest="kind", choices=RUN_KINDS, help="the job kind whose flags follow")
     p.add_argument("--docs", action="store_true", help="print the spec reference (markdown)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema")
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="the original scripts' flags")
     p.set_defaults(handler=_spec)
     p = sub.add_parser("status", help="step, checkpoints, last loss and job history of a run")
     p.add_argument("run_dir")
@@ -170,9 +169,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.command == "spec" and not (args.docs or args.schema or args.kind):
-        parser.error("spec: pass --from-flags KIND ..., --docs or --schema")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "spec":
+        if not (args.docs or args.schema or args.kind):
+            parser.error("spec: pass --from-flags KIND FLAGS..., --docs or --schema")
+        args.flags = extra
+    elif extra and args.command not in ("collect", "data"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, argv) if args.command != "data" else args.func(args)
     except (UserError, RunFailed) as err:

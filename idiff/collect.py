@@ -1,4 +1,10 @@
-"""``idiff-collect``: merge sample shards into one .npz in index order, streaming, refusing bad input."""
+"""``idiff-collect``: merge sample shards into one .npz in index order, streaming, refusing bad input.
+
+The output holds ``arr_0.npy`` (uint8 [N, H, W, 3]) and, for class-conditional samples, ``arr_1.npy``
+(int64 labels), as stored (uncompressed) zip members with version 1.0 .npy headers: what
+``numpy.load`` reads, and what evaluators that stream ``arr_0`` straight from the zip member expect.
+Every shard's headers are checked before anything is written; then one shard at a time is copied.
+"""
 
 import argparse
 import io
@@ -6,10 +12,13 @@ import os
 import re
 import sys
 import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass
 
+import blobfile as bf
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import storage
 from .errors import UserError
@@ -25,6 +34,16 @@ class Shard:
     end: int  # exclusive
     path: str
 
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
 
 def shard_name(start: int, end: int) -> str:
     return f"shard-{start:08d}-{end:08d}.npz"
@@ -38,94 +57,163 @@ def scan_shards(folder) -> list[Shard]:
     return sorted(shards, key=lambda s: (s.start, s.end))
 
 
-def _read_shard(shard: Shard) -> dict:
+def _unreadable(path, err) -> UserError:
+    return UserError(f"{path}: not a readable .npz, corrupt or truncated ({type(err).__name__}: {err})")
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+    """Every array of an .npz; a damaged file is a UserError naming it."""
     try:
-        with np.load(io.BytesIO(storage.read_bytes(shard.path))) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as err:  # numpy raises several types for a damaged zip
-        raise UserError(f"{shard.path}: corrupt shard ({type(err).__name__}: {err})") from None
-    images = arrays.get("arr_0")
-    if images is None or len(images) != shard.end - shard.start:
-        raise UserError(f"{shard.path}: holds {0 if images is None else len(images)} images, "
-                        f"its name says {shard.end - shard.start}")
-    return arrays
+        with bf.BlobFile(str(path), "rb") as f:
+            data = np.load(f)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array (.npy), not an .npz archive")
+            with data:
+                return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from None
 
 
-def _check_coverage(shards, allow_partial) -> list[tuple[int, int]]:
-    gaps, cursor = [], 0
-    for previous, shard in zip([None, *shards], shards):
+def npz_headers(path) -> dict[str, ArrayHeader]:
+    """Shape and dtype of each array in an .npz, from the .npy headers alone (no data is read)."""
+    headers = {}
+    try:
+        with bf.BlobFile(str(path), "rb") as f, zipfile.ZipFile(f) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as npy:
+                    version = np.lib.format.read_magic(npy)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                        else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(npy)
+                headers[member.removesuffix(".npy")] = ArrayHeader(tuple(shape), dtype)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from None
+    return headers
+
+
+def _check_ranges(shards: list[Shard], allow_partial: bool) -> list[tuple[int, int]]:
+    """Refuse empty, overlapping or duplicate ranges; the missing ones are an error unless ``allow_partial``."""
+    gaps, cursor, previous = [], 0, None
+    for shard in shards:
+        if shard.end <= shard.start:
+            raise UserError(f"{shard.path}: empty or reversed index range [{shard.start}, {shard.end})")
         if previous is not None and shard.start < previous.end:
-            raise UserError(f"overlapping shards: {os.path.basename(previous.path)} and {os.path.basename(shard.path)}")
+            what = "duplicate" if (shard.start, shard.end) == (previous.start, previous.end) else "overlapping"
+            raise UserError(f"{what} shards: {previous.name} and {shard.name} both hold indices "
+                            f"[{shard.start}, {min(shard.end, previous.end)}); remove one of them")
         if shard.start > cursor:
             gaps.append((cursor, shard.start))
-        cursor = shard.end
+        cursor, previous = shard.end, shard
     if gaps and not allow_partial:
-        listed = ", ".join(f"[{a}, {b})" for a, b in gaps[:10])
-        raise UserError(f"missing sample indices {listed}{' ...' if len(gaps) > 10 else ''}; "
-                        f"run the sample job again to fill them, or pass --allow-partial")
+        raise UserError(f"missing sample indices {_ranges(gaps)}; run the sample job again to fill them, "
+                        f"or pass --allow-partial")
     return gaps
 
 
+def _ranges(ranges, most=10) -> str:
+    listed = ", ".join(f"[{a}, {b})" for a, b in ranges[:most])
+    return listed + (f" ... ({len(ranges)} ranges)" if len(ranges) > most else "")
+
+
+def _check_headers(shards: list[Shard]) -> tuple[tuple[int, int, int], bool]:
+    """(H, W, 3) and whether the shards hold labels, all shards agreeing."""
+    image_shape = has_labels = None
+    for shard in shards:
+        headers = npz_headers(shard.path)
+        images, labels = headers.get("arr_0"), headers.get("arr_1")
+        if images is None:
+            raise UserError(f"{shard.path}: no arr_0 (images)")
+        if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] != 3:
+            raise UserError(f"{shard.path}: images are {images.dtype} {list(images.shape)}, expected uint8 [N, H, W, 3]")
+        if images.shape[0] != shard.end - shard.start:
+            raise UserError(f"{shard.path}: holds {images.shape[0]} images, its name says {shard.end - shard.start}")
+        if image_shape is None:
+            image_shape, has_labels, first = images.shape[1:], labels is not None, shard
+        elif images.shape[1:] != image_shape:
+            raise UserError(f"{shard.path}: images are {list(images.shape[1:])}, but {first.name} holds "
+                            f"{list(image_shape)}: shards of different jobs?")
+        if (labels is not None) != has_labels:
+            raise UserError(f"{shard.path}: {'has labels (arr_1)' if labels is not None else 'has no labels (arr_1)'}"
+                            f", unlike {first.name}: shards of different jobs?")
+        if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
+            raise UserError(f"{shard.path}: labels are {labels.dtype} {list(labels.shape)}, "
+                            f"expected one integer per image")
+    return image_shape, has_labels
+
+
 def collect(source, output=None, *, output_dir=None, force=False, allow_partial=False) -> str:
-    """Merge the shards under ``source`` (a run dir or its samples/ folder) into one .npz; returns its path."""
+    """Merge the shards under ``source`` (a run dir or its samples/ folder) into one .npz; returns its path.
+
+    The default output is ``samples_NxHxWx3.npz`` in ``output_dir`` (else ``source``), next to a
+    ``grid.png`` of the first images.
+    """
     source = str(source)
     folder = storage.join(source, "samples") if storage.isdir(storage.join(source, "samples")) else source
     shards = scan_shards(folder)
     if not shards:
         raise UserError(f"{folder}: no sample shards (shard-XXXXXXXX-YYYYYYYY.npz)")
-    gaps = _check_coverage(shards, allow_partial)
-    first = _read_shard(shards[0])
-    image_shape, has_labels = first["arr_0"].shape[1:], "arr_1" in first
+    gaps = _check_ranges(shards, allow_partial)
+    image_shape, has_labels = _check_headers(shards)
     count = sum(s.end - s.start for s in shards)
     if output is None:
-        h, w, c = image_shape
-        output = storage.join(output_dir or source, f"samples_{count}x{h}x{w}x{c}.npz")
+        output = storage.join(output_dir or source, "samples_{}x{}x{}x{}.npz".format(count, *image_shape))
+    output = str(output)
     if storage.exists(output) and not force:
         raise UserError(f"{output} exists; pass --force to replace it")
 
-    labels, preview = [], []
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=None if storage.is_remote(output) else os.path.dirname(os.path.abspath(output)))
-    os.close(fd)
+    remote = storage.is_remote(output)
+    folder_out = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(output))
+    # Beside the output (one file system, so the rename is atomic), hidden, and with the umask's permissions.
+    tmp = os.path.join(folder_out, f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": (count, *image_shape)}
-                np.lib.format.write_array_header_2_0(member, header)
-                for i, shard in enumerate(shards):
-                    arrays = first if i == 0 else _read_shard(shard)
-                    images = arrays["arr_0"]
-                    if images.dtype != np.uint8 or images.shape[1:] != image_shape:
-                        raise UserError(f"{shard.path}: images are {images.dtype} {list(images.shape[1:])}, "
-                                        f"expected uint8 {list(image_shape)} like the first shard")
-                    if ("arr_1" in arrays) != has_labels:
-                        raise UserError(f"{shard.path}: labels {'missing' if has_labels else 'unexpected'}")
-                    member.write(np.ascontiguousarray(images).tobytes())
-                    if has_labels:
-                        labels.append(arrays["arr_1"].astype(np.int64))
-                    if sum(len(p) for p in preview) < PREVIEW_IMAGES:
-                        preview.append(images[:PREVIEW_IMAGES])
-            if has_labels:
-                with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.concatenate(labels), allow_pickle=False)
-        if storage.is_remote(output):
-            with open(tmp, "rb") as f:
-                storage.atomic_write_bytes(output, f.read())
+        with open(tmp, "xb") as f:
+            preview = _write_npz(f, shards, count, image_shape, has_labels)
+            f.flush()
+            os.fsync(f.fileno())
+        if remote:
+            bf.copy(tmp, output, overwrite=True)  # a blob appears only once its upload is complete
         else:
             os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    image_grid(np.concatenate(preview)[:PREVIEW_IMAGES], storage.join(os.path.dirname(output) or ".", "grid.png"))
+    image_grid(preview, storage.join(bf.dirname(output), "grid.png"))
     if gaps:
-        print(f"idiff-collect: partial output, {len(gaps)} index ranges missing", file=sys.stderr)
+        print(f"idiff-collect: partial output: {count} images, indices {_ranges(gaps)} missing", file=sys.stderr)
     return output
 
 
+def _write_npz(f, shards, count, image_shape, has_labels):
+    """Stream the shards' images into ``f`` as an .npz; returns the first images, for the grid."""
+    nbytes = count * int(np.prod(image_shape))
+    preview, labels = [], []
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=nbytes >= zipfile.ZIP64_LIMIT) as member:
+            np.lib.format.write_array_header_1_0(member, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                "shape": (count, *image_shape)})
+            for shard in tqdm(shards, desc="collect", unit="shard", disable=not sys.stderr.isatty()):
+                arrays = read_npz(shard.path)
+                images = arrays["arr_0"]
+                member.write(np.ascontiguousarray(images).reshape(-1).data)
+                if has_labels:
+                    labels.append(arrays["arr_1"].astype(np.int64))
+                missing = PREVIEW_IMAGES - sum(len(p) for p in preview)
+                if missing > 0:
+                    preview.append(images[:missing].copy())  # a copy: a view would keep the whole shard alive
+        if has_labels:
+            with archive.open("arr_1.npy", "w") as member:
+                np.lib.format.write_array(member, np.concatenate(labels), version=(1, 0), allow_pickle=False)
+    return np.concatenate(preview)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="idiff-collect", description=__doc__.split("\n")[0].strip("`: "))
+    parser = argparse.ArgumentParser(
+        prog="idiff-collect", description="Merge sample shards into one .npz in index order (and a grid.png).")
     parser.add_argument("source", help="a sample run dir, or a folder of shard-*.npz files")
-    parser.add_argument("-o", "--output", help="output .npz (default: samples_NxHxWx3.npz in the run dir)")
+    parser.add_argument("-o", "--output", help="output .npz (default: samples_NxHxWx3.npz in SOURCE)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     parser.add_argument("--allow-partial", action="store_true", help="merge even if index ranges are missing")
     args = parser.parse_args(argv)

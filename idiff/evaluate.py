@@ -1,15 +1,18 @@
 """Evaluate jobs: NLL in bits/dim (the paper's metric), and FID / IS / precision-recall via torch-fidelity.
 
-Results go to ``run_dir/eval/<metric>.json``; NLL also writes its per-timestep terms to
-``eval/nll_terms.npz``. NLL is computed in per-range part files (as sampling uses shards), so a
-preempted evaluation resumes where it stopped.
+Results go to ``run_dir/eval/<metric>.json`` and, all together, ``run_dir/metrics.json``; NLL also
+writes its per-timestep terms to ``eval/nll_terms.npz``. NLL is computed in per-range part files
+(as sampling uses shards), so a preempted evaluation resumes where it stopped. Every input is
+checked before the run dir is taken, so a bad spec writes nothing.
 """
 
 import io
 import json
 import os
+import pickle
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,35 +20,45 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .collect import scan_shards, shard_name
-from .data import ImageDataset
+from .collect import npz_headers, read_npz, scan_shards, shard_name
+from .data import ImageDataset, list_image_files
 from .errors import UserError
 from .launch.env import RankEnv
 from .launch.signals import any_rank
-from .run_dir import RunDir
 from .sample import missing_parts, rank_ranges
 
 FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": "prc"}
+# torch-fidelity defaults precision/recall to VGG16 features; Inception's pool features (as in the
+# ADM evaluator) keep all three metrics on one network and one weights file.
+FEATURE_EXTRACTOR = "inception-v3-compat"
+PRC_NEIGHBORHOOD = 3
+# Fewer images than this leave a metric undefined: a covariance needs 2, the k-th neighbour k + 1.
+MIN_IMAGES = {"fid": 2, "inception_score": 1, "precision_recall": PRC_NEIGHBORHOOD + 1}
 
 
 def run_evaluate(spec, env: RankEnv, hooks=None) -> str:
+    from .launch.runner import JobHooks
+
+    hooks = hooks or JobHooks(spec, env)
     e = spec.evaluate
-    run_dir = RunDir(spec.run_dir)
+    nll = _prepare_nll(spec, env) if "nll" in e.metrics else None
+    wanted = [m for m in e.metrics if m in FIDELITY_METRICS]
+    inputs = fidelity_inputs(e.samples, e.reference, wanted, e.inception_weights) if wanted else None
+
+    run_dir = hooks.begin()
     results = {}
-    if "nll" in e.metrics:
-        status = _nll(spec, env, run_dir, should_suspend)
-        if status != "completed":
-            return status
+    if nll is not None:
+        if _nll(nll, e, env, run_dir, hooks) == "preempted":
+            return "preempted"
         if env.is_main:
             results["nll"] = json.loads(storage.read_text(storage.join(run_dir.eval, "nll.json")))
-    wanted = [m for m in e.metrics if m in FIDELITY_METRICS]
-    if wanted and env.is_main:
-        results.update(fidelity_metrics(e.samples, e.reference, wanted, e.inception_weights, env.device))
+    if inputs is not None and env.is_main:
+        results.update(fidelity_metrics(inputs, wanted, env.device))
         for metric in wanted:
             storage.atomic_write_text(storage.join(run_dir.eval, f"{metric}.json"),
                                       json.dumps(results[metric], indent=1))
     if env.is_main:
-        storage.atomic_write_text(storage.join(run_dir.path, "metrics.json"), json.dumps(results, indent=1))
+        storage.atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     if env.world_size > 1:
         dist.barrier()
@@ -53,7 +66,16 @@ def run_evaluate(spec, env: RankEnv, hooks=None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- NLL
-def _nll(spec, env, run_dir, should_suspend) -> str:
+@dataclass
+class _NllSetup:
+    model: torch.nn.Module
+    diffusion: object
+    dataset: ImageDataset
+    label_of: list[int] | None  # dataset label -> model label; None: unconditional
+    num: int  # images to evaluate, the first ones of the dataset
+
+
+def _prepare_nll(spec, env) -> _NllSetup:
     e = spec.evaluate
     source = weights.resolve(spec, e)
     model, diffusion = source.build(env.device)
@@ -61,39 +83,48 @@ def _nll(spec, env, run_dir, should_suspend) -> str:
     if flags.get("large_size") is not None:
         raise UserError("nll of super-resolution models is not supported (they need low-res inputs)")
     dataset = ImageDataset(e.data_dir, flags["image_size"], class_cond=flags["class_cond"])
-    label_of = _label_mapping(dataset, source)
-    num = min(e.num_samples, len(dataset))
+    label_of = _label_mapping(dataset, source) if flags["class_cond"] else None
+    return _NllSetup(model, diffusion, dataset, label_of, min(e.num_samples, len(dataset)))
+
+
+def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
     parts_dir = storage.join(run_dir.eval, "nll_parts")
     covered = [(p.start, p.end) for p in scan_shards(parts_dir)]
-    todo = [part for a, b in rank_ranges(num, e.batch_size, env.rank, env.world_size)
+    todo = [part for a, b in rank_ranges(setup.num, e.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
-    for start, end in tqdm(todo, desc="nll", unit="batch", disable=not (env.is_main and sys.stderr.isatty())):
-        if hooks.should_suspend():
-            break  # parts written so far are kept; a rerun continues from them
-        examples = [dataset[i] for i in range(start, end)]
-        x = torch.from_numpy(np.stack([ex.image for ex in examples])).to(env.device)
-        kwargs = {"y": torch.tensor([label_of[ex.label] for ex in examples], device=env.device)} \
-            if flags["class_cond"] else {}
-        noise = rng.PerSampleNoise(rng.generators(e.seed, rng.Stream.NLL, range(start, end)))
-        with torch.inference_mode():
-            out = diffusion.calc_bpd_loop(model, x, clip_denoised=e.clip_denoised, model_kwargs=kwargs,
-                                          noise_fn=noise, progress=env.is_main and sys.stderr.isatty())
-        buffer = io.BytesIO()
-        np.savez(buffer, **{k: v.cpu().numpy() for k, v in out.items()})
-        storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
-    if any_rank(bool(hooks.should_suspend()), env.device):
+    show = env.is_main and sys.stderr.isatty()
+    with tqdm(total=sum(b - a for a, b in todo), desc="nll", unit="img", disable=not show) as bar:
+        for start, end in todo:
+            if hooks.should_suspend():
+                break  # parts written so far are kept; a rerun continues from them
+            out = _nll_part(setup, e, env.device, start, end, progress=show)
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: v.cpu().numpy() for k, v in out.items()})
+            storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
+            bar.update(end - start)
+    if any_rank(hooks.should_suspend(), env.device):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()
     if env.is_main:
-        _merge_nll(parts_dir, num, run_dir, diffusion.num_timesteps)
+        _merge_nll(parts_dir, setup.num, run_dir, setup.diffusion.num_timesteps)
     return "completed"
 
 
-def _label_mapping(dataset, source) -> list[int] | None:
+def _nll_part(setup: _NllSetup, e, device, start, end, progress) -> dict:
+    """calc_bpd_loop over images [start, end): each image's noise comes from its own generator."""
+    examples = [setup.dataset[i] for i in range(start, end)]
+    x = torch.from_numpy(np.stack([ex.image for ex in examples])).to(device)
+    kwargs = {} if setup.label_of is None else \
+        {"y": torch.tensor([setup.label_of[ex.label] for ex in examples], device=device)}
+    noise = rng.PerSampleNoise(rng.generators(e.seed, rng.Stream.NLL, range(start, end)))
+    with torch.inference_mode():
+        return setup.diffusion.calc_bpd_loop(setup.model, x, clip_denoised=e.clip_denoised, model_kwargs=kwargs,
+                                             noise_fn=noise, progress=progress)
+
+
+def _label_mapping(dataset, source) -> list[int]:
     """Dataset label -> model label, through the class names the training run saved (when known)."""
-    if dataset.classes is None:
-        return None
     if not source.classes:
         return list(range(len(dataset.classes)))
     unknown = [c for c in dataset.classes if c not in source.classes]
@@ -106,7 +137,7 @@ def _merge_nll(parts_dir, num, run_dir, num_timesteps) -> None:
     parts = scan_shards(parts_dir)
     if sum(p.end - p.start for p in parts) != num:
         raise UserError(f"{parts_dir}: NLL parts cover {sum(p.end - p.start for p in parts)} of {num} images")
-    loaded = [dict(np.load(io.BytesIO(storage.read_bytes(p.path)))) for p in parts]
+    loaded = [read_npz(p.path) for p in parts]
     merged = {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
     terms = {f"{k}_per_timestep": merged[k].mean(axis=0) for k in ("vb", "mse", "xstart_mse")}
     buffer = io.BytesIO()
@@ -118,12 +149,111 @@ def _merge_nll(parts_dir, num, run_dir, num_timesteps) -> None:
         "prior_bpd": float(merged["prior_bpd"].mean()),
         "num_images": int(num),
         "num_timesteps": int(num_timesteps),
-        "note": "vb/mse/xstart_mse per timestep in nll_terms.npz; index 0 is t = T-1",
+        "note": "per image total_bpd/prior_bpd and per-timestep vb/mse/xstart_mse means in nll_terms.npz; "
+                "timestep index 0 is t = T-1",
     }
     storage.atomic_write_text(storage.join(run_dir.eval, "nll.json"), json.dumps(summary, indent=1))
 
 
 # ------------------------------------------------------------------------------ FID / IS / PR
+@dataclass(frozen=True)
+class ImageSource:
+    """An image set as found on disk: an .npz batch (arr_0) or a folder of image files."""
+
+    path: str
+    what: str  # the spec field, for messages
+    count: int
+    size: tuple[int, int] | None  # (H, W); None for a folder, whose images are resized to the other set's
+
+    @property
+    def is_npz(self) -> bool:
+        return self.size is not None
+
+
+def find_images(path, what: str) -> ImageSource:
+    """``path`` is an .npz, a sample run dir (its collected .npz) or a folder of images; checked, not loaded."""
+    path = str(path)
+    if storage.isdir(path):
+        collected = sorted(n for n in storage.listdir(path) if n.startswith("samples_") and n.endswith(".npz"))
+        if len(collected) > 1:
+            raise UserError(f"{what}: {path} holds several collected sample files ({', '.join(collected)}); "
+                            f"name one of them")
+        if collected:
+            return find_images(storage.join(path, collected[0]), what)
+        if scan_shards(storage.join(path, "samples")):
+            raise UserError(f"{what}: {path} has sample shards but no collected .npz; run `idiff-collect {path}`")
+        return ImageSource(path, what, len(list_image_files(path)), None)
+    if not storage.exists(path):
+        raise UserError(f"{what}: {path} does not exist")
+    images = npz_headers(path).get("arr_0")
+    if images is None or images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] != 3:
+        got = "no arr_0" if images is None else f"arr_0 {images.dtype} {list(images.shape)}"
+        raise UserError(f"{what}: {path} holds {got}, expected uint8 images [N, H, W, 3] in arr_0")
+    return ImageSource(path, what, images.shape[0], tuple(images.shape[1:3]))
+
+
+def load_images(source: ImageSource, size: tuple[int, int]) -> np.ndarray:
+    """uint8 NHWC; a folder's images are center-cropped and resized to ``size`` as training images are."""
+    if source.is_npz:
+        return read_npz(source.path)["arr_0"]
+    dataset = ImageDataset(source.path, size[0])
+    return np.stack([((dataset[i].image.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+                     for i in tqdm(range(len(dataset)), desc=f"reading {source.what}", unit="img",
+                                   disable=not sys.stderr.isatty())])
+
+
+@dataclass(frozen=True)
+class FidelityInputs:
+    samples: ImageSource
+    reference: ImageSource
+    size: tuple[int, int]
+    inception_weights: str
+
+
+def fidelity_inputs(samples, reference, metrics, inception_weights) -> FidelityInputs:
+    """The two image sets and the weights of a FID / IS / PR evaluation, checked without loading them."""
+    generated = find_images(samples, "evaluate.samples")
+    real = find_images(reference, "evaluate.reference")
+    if generated.size and real.size and generated.size != real.size:
+        raise UserError("evaluate.reference is {}x{} but the samples are {}x{}; use a reference batch of the "
+                        "samples' resolution".format(*real.size, *generated.size))
+    size = generated.size or real.size
+    if size is None:
+        raise UserError("evaluate.samples and evaluate.reference are both image folders: one of them must be "
+                        "an .npz, which gives the resolution to compare at")
+    for metric in metrics:
+        for images in (generated, real):
+            if images.count < MIN_IMAGES[metric]:
+                raise UserError(f"{metric} needs at least {MIN_IMAGES[metric]} images, but {images.what} "
+                                f"({images.path}) has {images.count}")
+    return FidelityInputs(generated, real, size, inception_weights_file(inception_weights))
+
+
+def inception_weights_file(configured: str | None) -> str:
+    """The path of the Inception weights (configured, else torch-fidelity's download cache); it must exist."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = configured or os.path.join(cache, os.path.basename(URL_INCEPTION_V3))
+    if not storage.exists(path):
+        raise UserError(
+            f"Inception weights not found at {path}. Cluster nodes are often offline: download {URL_INCEPTION_V3} "
+            f"on a machine with internet and set evaluate.inception_weights to its path (or put it in {cache}/)."
+        )
+    return path
+
+
+def _trusted_state_dict(path) -> dict:
+    """The weights as plain tensors: loading refuses pickled code, since checkpoints are untrusted input."""
+    try:
+        state = storage.load_torch(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"evaluate.inception_weights: {path} is not a plain state dict of tensors ({err})") from None
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"evaluate.inception_weights: {path} is not a state dict of tensors")
+    return state
+
+
 class _Uint8Images(torch.utils.data.Dataset):
     """uint8 CHW tensors, what torch-fidelity's Inception expects."""
 
@@ -137,61 +267,24 @@ class _Uint8Images(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
 
 
-def load_images(path, size: int | None = None, what: str = "images") -> np.ndarray:
-    """uint8 NHWC from an .npz (arr_0), a sample run dir (its collected .npz) or an image folder."""
-    path = str(path)
-    if storage.isdir(path):
-        collected = sorted(n for n in storage.listdir(path) if n.startswith("samples_") and n.endswith(".npz"))
-        if collected:
-            return load_images(storage.join(path, collected[-1]), size, what)
-        if size is None:
-            raise UserError(f"{what}: {path} is a folder, so the image size must come from the other input")
-        dataset = ImageDataset(path, size)
-        return np.stack([((dataset[i].image.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-                         for i in range(len(dataset))])
-    if not storage.exists(path):
-        raise UserError(f"{what}: {path} does not exist")
-    with np.load(io.BytesIO(storage.read_bytes(path))) as data:
-        if "arr_0" not in data.files:
-            raise UserError(f"{what}: {path} has no arr_0 (uint8 NHWC images)")
-        images = data["arr_0"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{what}: {path} arr_0 is {images.dtype} {list(images.shape)}, expected uint8 [N, H, W, 3]")
-    return images
-
-
-def inception_weights_file(configured: str | None) -> str:
-    """A path to the Inception weights, checked to hold only tensors (checkpoints are untrusted)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    path = configured or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
-    if not storage.exists(path):
-        raise UserError(
-            f"Inception weights not found at {path}. Cluster nodes are often offline: download {URL_INCEPTION_V3} "
-            f"on a machine with internet and set evaluate.inception_weights to its path (or put it at "
-            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/)."
-        )
-    return path
-
-
-def fidelity_metrics(samples, reference, metrics, inception_weights, device) -> dict:
+def fidelity_metrics(inputs: FidelityInputs, metrics, device) -> dict:
+    """``{metric: {...numbers, num_samples, num_reference}}`` for the FIDELITY_METRICS in ``metrics``."""
     import torch_fidelity
 
-    generated = load_images(samples, what="evaluate.samples")
-    real = load_images(reference, size=generated.shape[1], what="evaluate.reference")
-    if real.shape[1:3] != generated.shape[1:3]:
-        raise UserError(f"evaluate.reference is {real.shape[1]}x{real.shape[2]} but the samples are "
-                        f"{generated.shape[1]}x{generated.shape[2]}; use a reference batch of the samples' resolution")
-    state = storage.load_torch(inception_weights_file(inception_weights))
+    generated = load_images(inputs.samples, inputs.size)
+    real = load_images(inputs.reference, inputs.size)
+    state = _trusted_state_dict(inputs.inception_weights)
     with tempfile.TemporaryDirectory() as tmp:
         # torch-fidelity unpickles with weights_only=False: give it a file we wrote from plain tensors.
         trusted = os.path.join(tmp, "inception.pth")
         torch.save(state, trusted)
+        del state
         flags = {FIDELITY_METRICS[m]: True for m in metrics}
         out = torch_fidelity.calculate_metrics(
             input1=_Uint8Images(generated), input2=_Uint8Images(real), cuda=torch.device(device).type == "cuda",
-            feature_extractor_weights_path=trusted, cache=False, verbose=False, batch_size=64,
-            isc_splits=min(10, len(generated)), **flags)
+            feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=trusted, cache=False,
+            verbose=False, batch_size=64, isc_splits=min(10, len(generated)), prc_neighborhood=PRC_NEIGHBORHOOD,
+            **flags)
     results = {}
     if "fid" in metrics:
         results["fid"] = {"fid": out["frechet_inception_distance"]}
@@ -199,7 +292,7 @@ def fidelity_metrics(samples, reference, metrics, inception_weights, device) -> 
         results["inception_score"] = {"mean": out["inception_score_mean"], "std": out["inception_score_std"]}
     if "precision_recall" in metrics:
         results["precision_recall"] = {"precision": out["precision"], "recall": out["recall"],
-                                       "f_score": out.get("f_score")}
+                                       "f_score": out.get("f_score"), "neighborhood": PRC_NEIGHBORHOOD}
     for result in results.values():
-        result.update(num_samples=int(len(generated)), num_reference=int(len(real)))
+        result.update(num_samples=int(len(generated)), num_reference=int(len(real)), features=FEATURE_EXTRACTOR)
     return results

@@ -15,12 +15,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .collect import collect, scan_shards, shard_name
+from .collect import collect, read_npz, scan_shards, shard_name
 from .diffusion import samplers
 from .errors import UserError
 from .launch.env import RankEnv
 from .launch.signals import any_rank
-from .run_dir import RunDir
 from .visualize import to_uint8
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,6 +85,11 @@ def labels_for(indices, mode, num_classes):
 
 
 def run_sample(spec, env: RankEnv, hooks=None) -> str:
+    """Draw the shards of ``spec`` (a SampleJob) this rank owns and no earlier job finished; rank 0
+    then collects them. Inputs are checked before the run dir is taken: a bad spec writes nothing."""
+    from .launch.runner import JobHooks
+
+    hooks = hooks or JobHooks(spec, env)
     s = spec.sample
     source = weights.resolve(spec, s)
     model, diffusion = source.build(env.device, timestep_respacing=s.timestep_respacing)
@@ -93,13 +97,11 @@ def run_sample(spec, env: RankEnv, hooks=None) -> str:
     super_res = flags.get("large_size") is not None
     image_size = flags["large_size"] if super_res else flags["image_size"]
     class_cond = flags["class_cond"]
-    if isinstance(s.class_labels, list) and class_cond and max(s.class_labels) >= model.num_classes:
-        raise UserError(f"sample.class_labels: {max(s.class_labels)} is not a label of this model "
-                        f"({model.num_classes} classes)")
+    _check_class_labels(s.class_labels, class_cond, model.num_classes)
     num_classes = len(source.classes) if source.classes else model.num_classes
-    base = _base_samples(s, super_res, class_cond)
+    base = _base_samples(s, flags["small_size"] if super_res else None, class_cond)
 
-    run_dir = RunDir(spec.run_dir)
+    run_dir = hooks.begin()
     covered = [(shard.start, shard.end) for shard in scan_shards(run_dir.samples)]
     todo = [part for a, b in rank_ranges(s.num_samples, s.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
@@ -115,13 +117,13 @@ def run_sample(spec, env: RankEnv, hooks=None) -> str:
         low_res = None
         if base is not None:
             low_res = torch.from_numpy(base["arr_0"][start:end]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            if class_cond and "arr_1" in base:
+            if class_cond:
                 labels = base["arr_1"][start:end].tolist()
         images, labels = draw_images(model, diffusion, indices, seed=s.seed, image_size=image_size,
                                      use_ddim=s.use_ddim, eta=s.eta, clip_denoised=s.clip_denoised, labels=labels,
                                      num_classes=num_classes, low_res=low_res, precision=s.precision, device=env.device)
         _write_shard(run_dir.samples, start, end, images, labels)
-    if any_rank(bool(hooks.should_suspend()), env.device):
+    if any_rank(hooks.should_suspend(), env.device):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()
@@ -131,8 +133,19 @@ def run_sample(spec, env: RankEnv, hooks=None) -> str:
     return "completed"
 
 
-def _base_samples(s, super_res, class_cond):
-    if not super_res:
+def _check_class_labels(class_labels, class_cond, num_classes) -> None:
+    if not isinstance(class_labels, list):
+        return
+    if not class_cond:
+        raise UserError("sample.class_labels lists labels, but this model is not class-conditional")
+    wrong = [label for label in class_labels if not 0 <= label < num_classes]
+    if wrong:
+        raise UserError(f"sample.class_labels: {wrong[0]} is not a label of this model (0 to {num_classes - 1})")
+
+
+def _base_samples(s, small_size, class_cond) -> dict | None:
+    """The low-resolution inputs of a super-resolution model (``small_size`` set), checked."""
+    if small_size is None:
         if s.base_samples:
             raise UserError("sample.base_samples is only for super-resolution models (model.large_size)")
         return None
@@ -140,11 +153,18 @@ def _base_samples(s, super_res, class_cond):
         raise UserError("a super-resolution model needs sample.base_samples (an .npz of low-res images)")
     if not storage.exists(s.base_samples):
         raise UserError(f"sample.base_samples: {s.base_samples} does not exist")
-    base = dict(np.load(io.BytesIO(storage.read_bytes(s.base_samples))))
-    if len(base["arr_0"]) < s.num_samples:
-        raise UserError(f"sample.base_samples holds {len(base['arr_0'])} images, fewer than num_samples={s.num_samples}")
-    if class_cond and "arr_1" not in base:
-        raise UserError(f"{s.base_samples} has no labels (arr_1), which a class-conditional upsampler needs")
+    base = read_npz(s.base_samples)
+    images = base.get("arr_0")
+    expected = (small_size, small_size, 3)
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+        got = "no arr_0" if images is None else f"arr_0 {images.dtype} {list(images.shape)}"
+        raise UserError(f"sample.base_samples: {s.base_samples} holds {got}; the model takes uint8 "
+                        f"[N, {small_size}, {small_size}, 3] (model.small_size={small_size})")
+    if len(images) < s.num_samples:
+        raise UserError(f"sample.base_samples holds {len(images)} images, fewer than num_samples={s.num_samples}")
+    if class_cond and ("arr_1" not in base or len(base["arr_1"]) < s.num_samples):
+        raise UserError(f"{s.base_samples} has no label (arr_1) for each image, which a class-conditional "
+                        f"upsampler needs")
     return base
 
 

@@ -13,6 +13,8 @@ SECTIONS = [
 
 
 def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(annotation))
     args = typing.get_args(annotation)

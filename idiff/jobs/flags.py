@@ -12,6 +12,7 @@ import warnings
 
 from pydantic.fields import FieldInfo
 
+from .io import SpecError
 from .spec import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainSection
 
 SECTIONS = {"train": TrainSection, "sample": SampleSection, "evaluate": EvaluateSection}
@@ -64,7 +65,7 @@ def add_flag_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     for name, (section, field) in flag_fields(kind).items():
         default = "required" if field.is_required() else field.get_default(call_default_factory=True)
         group.add_argument(f"--{name}", dest=f"flag.{section}.{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{field.description} [{section}.{name}; default: {default}]")
+                           help=f"{field.description} [{section}.{name}; default: {default}]".replace("%", "%%"))
     for name, help_text in LEGACY_FLAGS.get(kind, {}).items():
         group.add_argument(f"--{name}", dest=f"legacy.{name}", default=argparse.SUPPRESS, metavar="V", help=help_text)
 
@@ -74,11 +75,14 @@ def flag_values(namespace: argparse.Namespace, kind: str) -> dict:
     fields = flag_fields(kind)
     nested: dict = {}
     for dest, raw in vars(namespace).items():
-        if dest.startswith("flag."):
-            _, section, name = dest.split(".", 2)
-            nested.setdefault(section, {})[name] = _convert(fields[name][1], raw)
-        elif dest.startswith("legacy."):
-            _apply_legacy(nested, dest.removeprefix("legacy."), raw)
+        try:
+            if dest.startswith("flag."):
+                _, section, name = dest.split(".", 2)
+                nested.setdefault(section, {})[name] = _convert(fields[name][1], raw)
+            elif dest.startswith("legacy."):
+                _apply_legacy(nested, dest.removeprefix("legacy."), raw)
+        except argparse.ArgumentTypeError as err:
+            raise SpecError(f"--{dest.rsplit('.', 1)[-1]}: {err}") from None
     if kind == "train" and nested.get("train", {}).get("microbatch") in ("-1", "0"):
         nested["train"]["microbatch"] = None  # the original's "no microbatching"
     return nested

@@ -53,7 +53,10 @@ def parse_spec(data: dict, source: str = "<spec>", text: str | None = None) -> J
 
 
 def dump_spec(spec: Job) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    data = spec.model_dump(mode="json")
+    first = ("kind", "name", "run_dir")
+    ordered = {k: data[k] for k in first} | {k: v for k, v in data.items() if k not in (*first, "resources")}
+    return yaml.safe_dump({**ordered, "resources": data["resources"]}, sort_keys=False)
 
 
 def apply_overrides(data: dict, overrides) -> dict:
