@@ -106,7 +106,7 @@ def configure_threads(env: RankEnv, environ=None) -> int:
     environ = os.environ if environ is None else environ
     if "OMP_NUM_THREADS" in environ:
         threads = int(environ["OMP_NUM_THREADS"])
-    elif "SLURM_CPUS_PER_TASK" in environ and env.launcher == "slurm":
+    elif "SLURM_CPUS_PER_TASK" in environ:
         threads = int(environ["SLURM_CPUS_PER_TASK"])
     else:
         threads = max(1, (os.cpu_count() or 1) // env.local_world_size)

@@ -1,0 +1,188 @@
+"""``idiff-submit`` and ``idiff-resume``: jobs on Slurm through submitit, requeued after preemption.
+
+The submitted callable replaces submitit's own USR2 handler, which would checkpoint inside the
+signal handler on global rank 0 alone, mid-step, and leave the other ranks in a collective. Here
+the signal only sets the flag; all ranks agree at a step boundary, checkpoint, and only then does
+rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or cancelling it).
+"""
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import submitit
+import yaml
+
+from .. import storage
+from ..errors import UserError
+from ..jobs.io import apply_overrides, check_run_dir, dump_spec, load_spec, parse_spec
+from ..run_dir import RunDir
+from .env import RankEnv
+from .runner import EXIT_PREEMPTED, report_user_error, run_job
+from .signals import PreemptionFlag
+
+
+def _port_for(job_id: str, restart_count: int) -> int:
+    digest = int(hashlib.sha256(f"{job_id}:{restart_count}".encode()).hexdigest()[:8], 16)
+    return 20000 + digest % 20000
+
+
+def rank_env_from_submitit() -> RankEnv:
+    """The rank environment of a submitit task (Slurm or local executor)."""
+    job = submitit.JobEnvironment()
+    on_slurm = "SLURM_JOB_ID" in os.environ
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    return RankEnv(
+        rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
+        local_world_size=max(1, job.num_tasks // job.num_nodes), launcher="submitit",
+        master_addr=job.hostnames[0] if on_slurm else "127.0.0.1", master_port=_port_for(job.job_id, restarts),
+        slurm_job_id=job.job_id if on_slurm else None, restart_count=restarts,
+    )
+
+
+class SubmittedJob(submitit.helpers.Checkpointable):
+    """What runs on every task: the job body, then (rank 0) a requeue if it was preempted by USR2."""
+
+    def __init__(self, spec_data: dict, force_new: bool = False):
+        self.spec_data = spec_data
+        self.force_new = force_new
+
+    def __call__(self):
+        flag = PreemptionFlag().install()  # after submitit's handlers: ours win
+        env = rank_env_from_submitit()
+        spec = parse_spec(self.spec_data, source="submitted spec")
+        # A requeued job must resume its own run, never move it aside again.
+        status = run_job(spec, force_new=self.force_new and env.restart_count == 0, preemption=flag, env=env)
+        if status != "preempted":
+            return status
+        if env.is_main and flag.received == "SIGUSR2" and env.slurm_job_id:
+            self._requeue(env, spec)
+        sys.exit(EXIT_PREEMPTED)  # no result file: the job is not over
+
+    @staticmethod
+    def _requeue(env: RankEnv, spec) -> None:
+        limit = spec.resources.max_requeues
+        if env.restart_count >= limit:
+            print(f"idiff: not requeued: {env.restart_count} requeues reached resources.max_requeues={limit}; "
+                  f"continue with `idiff-resume {spec.run_dir}`", file=sys.stderr, flush=True)
+            return
+        submitit.JobEnvironment()._requeue(limit - env.restart_count)
+
+    def checkpoint(self, *args, **kwargs):
+        """Used only if Slurm's own machinery asks: the run dir holds the state, so resubmit as is."""
+        return submitit.helpers.DelayedSubmission(SubmittedJob(self.spec_data))
+
+
+def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
+    r = spec.resources
+    folder = os.path.join(spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs", "slurm", "%j")
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if local else None,
+                                     slurm_max_num_timeout=r.max_requeues)
+    params = dict(name=spec.name, nodes=r.nodes, tasks_per_node=r.ranks_per_node, cpus_per_task=r.cpus_per_task,
+                  timeout_min=r.timeout_min)
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if r.mem_gb:
+        params["mem_gb"] = r.mem_gb
+    if executor.cluster == "slurm":
+        params["slurm_signal_delay_s"] = r.signal_delay_s
+        for key, value in (("partition", r.partition), ("account", r.account), ("qos", r.qos),
+                           ("constraint", r.constraint)):
+            if value:
+                params[f"slurm_{key}"] = value
+        if r.slurm_extra:
+            params["slurm_additional_parameters"] = dict(r.slurm_extra)
+        if r.container_image:
+            params["slurm_srun_args"] = [f"--container-image={r.container_image}"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(spec, *, local=False, dry_run=False, force_new=False, out=sys.stdout) -> str | None:
+    """Submit ``spec``; returns the job id (None for a dry run)."""
+    check_run_dir(spec, force_new)
+    executor = executor_for(spec, local)
+    if dry_run:
+        print("# resolved spec", file=out)
+        print(dump_spec(spec), file=out)
+        print(f"# {executor.cluster} parameters", file=out)
+        print(yaml.safe_dump(executor._executor.parameters, sort_keys=True), file=out)
+        return None
+    if executor.cluster == "slurm":
+        _test_only(executor)
+    try:
+        job = executor.submit(SubmittedJob(spec.model_dump(mode="json"), force_new))
+    except Exception as err:  # sbatch's refusal arrives as submitit's FailedJobError with its stderr
+        raise UserError(f"the scheduler refused the job: {str(err).strip()}") from None
+    run_dir = RunDir(spec.run_dir)
+    storage.makedirs(run_dir.path)
+    run_dir.record("submit", kind=spec.kind, slurm_job_id=job.job_id if executor.cluster == "slurm" else None,
+                   nodes=spec.resources.nodes, world_size=spec.resources.world_size)
+    print(f"submitted job {job.job_id} ({executor.cluster}): {spec.name}", file=out)
+    print(f"  run dir: {spec.run_dir}", file=out)
+    print(f"  logs:    {job.paths.stdout}\n           {job.paths.stderr}", file=out)
+    return job.job_id
+
+
+def _test_only(executor) -> None:
+    """``sbatch --test-only`` on the script submitit would send: a request that can never be met
+    (more nodes than the partition has, ...) is refused now, with Slurm's reason, instead of pending forever."""
+    script = executor._executor._make_submission_file_text("true", "test-only")
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write(script)
+        f.flush()
+        result = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise UserError(f"the scheduler refused the job: {(result.stderr or result.stdout).strip()}")
+
+
+def _resource_overrides(args) -> list[str]:
+    pairs = (("nodes", args.nodes), ("gpus_per_node", getattr(args, "gpus_per_node", None)),
+             ("partition", getattr(args, "partition", None)), ("timeout_min", getattr(args, "time", None)))
+    return [f"resources.{key}={value}" for key, value in pairs if value is not None]
+
+
+def _common_arguments(parser):
+    parser.add_argument("--nodes", type=int, help="nodes (resources.nodes)")
+    parser.add_argument("--local", action="store_true", help="run through submitit's local executor, not Slurm")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and sbatch parameters")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="idiff-submit", description="Submit a job spec to Slurm via submitit.")
+    parser.add_argument("spec", help="job spec YAML")
+    _common_arguments(parser)
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (resources.gpus_per_node)")
+    parser.add_argument("--partition", help="Slurm partition (resources.partition)")
+    parser.add_argument("--time", type=int, help="time limit per job, minutes (resources.timeout_min)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--force-new", action="store_true", help="move a run dir of another spec aside")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec, [*args.overrides, *_resource_overrides(args)])
+        submit(spec, local=args.local, dry_run=args.dry_run, force_new=args.force_new)
+    except UserError as err:
+        return report_user_error(err, "idiff-submit")
+    return 0
+
+
+def resume_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="idiff-resume", description=(
+        "Resubmit a run's saved spec after a hard failure or a cancelled job; it continues from the newest "
+        "complete checkpoint. The node count may change: the global batch stays, the per-rank split is recomputed."))
+    parser.add_argument("run_dir", help="the run dir (holds spec.yaml)")
+    _common_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        saved = RunDir(args.run_dir).saved_spec()
+        if saved is None:
+            raise UserError(f"{args.run_dir}: not a run dir (no spec.yaml)")
+        spec = parse_spec(apply_overrides({**saved, "run_dir": args.run_dir}, _resource_overrides(args)),
+                          source=f"{args.run_dir}/spec.yaml")
+        submit(spec, local=args.local, dry_run=args.dry_run)
+    except UserError as err:
+        return report_user_error(err, "idiff-resume")
+    return 0

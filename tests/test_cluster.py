@@ -1,0 +1,156 @@
+"""idiff-submit / idiff-resume against the real local Slurm cluster (slurm/start-cluster.sh; CI starts it)."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (TEST_ENV, assert_same_function, assert_same_tensors, final_files, idiff, require_service,
+                      tiny_spec, write_spec)
+
+pytestmark = pytest.mark.slurm
+STEPS = 150
+
+
+def cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
+    return out.returncode == 0 and len([line for line in out.stdout.splitlines() if "idle" in line or "mix" in line]) >= 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    require_service(cluster_up(), "the local Slurm cluster (bash slurm/start-cluster.sh)")
+
+
+def console(script, *args, check=True):
+    result = subprocess.run([str(Path(sys.executable).parent / script), *map(str, args)], capture_output=True,
+                            text=True, timeout=120, env=TEST_ENV)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {result.returncode}: {result.stderr[-3000:]}")
+    return result
+
+
+def spec_file(root, shapes_dir, name, **resources):
+    spec = tiny_spec(shapes_dir, root / name, max_steps=STEPS, save_interval=10, log_interval=1)
+    spec["resources"] = {"nodes": 2, "cpus_per_task": 1, "timeout_min": 10, "signal_delay_s": 60, **resources}
+    return write_spec(root / f"{name}.yaml", spec), root / name
+
+
+def submitted_job_id(output: str) -> str:
+    return re.search(r"submitted job (\d+)", output).group(1)
+
+
+def state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    return lines[-1].split()[0] if lines else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+
+
+def wait_state(job_id, states, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = state(job_id)
+        if current in states:
+            return current
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} is {state(job_id)} after {timeout}s, expected one of {states}")
+
+
+def wait_for_step(run_dir: Path, step: int, timeout=120):
+    deadline = time.monotonic() + timeout
+    log = run_dir / "log.jsonl"
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if lines and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def reference(shapes_dir, tmp_path_factory):
+    """The same spec on 2 local ranks, uninterrupted."""
+    root = tmp_path_factory.mktemp("cluster")
+    path, run_dir = spec_file(root, shapes_dir, "local")
+    idiff("train", path, "--nproc", 2)
+    return {"root": root, "final": final_files(run_dir, STEPS)}
+
+
+def test_submit_on_two_nodes_equals_two_local_ranks(reference, shapes_dir):
+    path, run_dir = spec_file(reference["root"], shapes_dir, "two_nodes")
+    out = console("idiff-submit", path, "--nodes", 2).stdout
+    job = submitted_job_id(out)
+    assert f"run dir: {run_dir}" in out and f"{job}_0_log.out" in out
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    assert_same_tensors(final_files(run_dir, STEPS), reference["final"])
+    history = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+    assert {e["launcher"] for e in history if e["event"] == "start"} == {"submitit"}
+
+
+def test_usr2_preemption_checkpoints_requeues_and_finishes_exactly(reference, shapes_dir):
+    path, run_dir = spec_file(reference["root"], shapes_dir, "preempted")
+    job = submitted_job_id(console("idiff-submit", path).stdout)
+    wait_for_step(run_dir, 10)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    history = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+    ends = [e for e in history if e["event"] == "end"]
+    assert [e["status"] for e in ends] == ["preempted", "completed"] and ends[0]["signal"] == "SIGUSR2"
+    assert [e["restart_count"] for e in history if e["event"] == "start"] == [0, 1]
+    assert_same_tensors(final_files(run_dir, STEPS), reference["final"])
+    status = idiff("status", run_dir).stdout
+    assert f"slurm job {job}: REQUEUED, COMPLETED (1 requeue(s))" in status
+
+
+def cancel_midway(root, shapes_dir, name):
+    path, run_dir = spec_file(root, shapes_dir, name)
+    job = submitted_job_id(console("idiff-submit", path).stdout)
+    wait_for_step(run_dir, 25)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_state(job, {"CANCELLED", "FAILED", "COMPLETED"}) == "CANCELLED"
+    steps = sorted(int(p.stem[-6:]) for p in (run_dir / "checkpoints").glob("checkpoint*.json"))
+    assert steps and steps[-1] < STEPS
+    return run_dir, steps[-1]
+
+
+def test_hard_cancel_then_idiff_resume_loses_nothing_beyond_the_checkpoint(reference, shapes_dir):
+    run_dir, last = cancel_midway(reference["root"], shapes_dir, "cancelled")
+    job = submitted_job_id(console("idiff-resume", run_dir).stdout)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    log = (run_dir / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert f"start at step {last}" in log
+    assert_same_tensors(final_files(run_dir, STEPS), reference["final"])
+
+
+def test_resume_on_fewer_nodes_matches_to_float_rounding(reference, shapes_dir):
+    run_dir, last = cancel_midway(reference["root"], shapes_dir, "shrunk")
+    job = submitted_job_id(console("idiff-resume", run_dir, "--nodes", 1).stdout)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    log = (run_dir / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "global batch 8 = 1 ranks x 8" in log and f"start at step {last}" in log
+    assert_same_function(final_files(run_dir, STEPS), reference["final"])
+
+
+def test_more_nodes_than_the_partition_has_fails_at_submit_with_slurms_reason(reference, shapes_dir):
+    path, run_dir = spec_file(reference["root"], shapes_dir, "too_big")
+    result = console("idiff-submit", path, "--nodes", 3, check=False)
+    assert result.returncode == 2
+    assert "the scheduler refused the job" in result.stderr
+    assert "node configuration is not available" in result.stderr or "Node count specification" in result.stderr
+
+
+def test_dry_run_shows_the_sbatch_parameters(reference, shapes_dir):
+    path, _ = spec_file(reference["root"], shapes_dir, "dry", gpus_per_node=4, partition="gpu", qos="high",
+                        container_image="nvcr.io#nvidia/pytorch:24.01-py3")
+    out = console("idiff-submit", path, "--dry-run", "--nodes", 8).stdout
+    for expected in ("nodes: 8", "ntasks_per_node: 4", "gpus_per_node: 4", "partition: gpu", "qos: high",
+                     "signal_delay_s: 60", "--container-image=nvcr.io#nvidia/pytorch:24.01-py3"):
+        assert expected in out
+    assert not (reference["root"] / "dry").exists()
