@@ -7,7 +7,6 @@ Every shard's headers are checked before anything is written; then one shard at 
 """
 
 import argparse
-import io
 import os
 import re
 import sys
@@ -26,6 +25,8 @@ from .visualize import image_grid
 
 _SHARD = re.compile(r"^shard-(\d{8})-(\d{8})\.npz$")
 PREVIEW_IMAGES = 64
+# A fixed member timestamp makes the output a function of the shards alone: equal inputs, equal bytes.
+_MEMBER_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,15 @@ def _unreadable(path, err) -> UserError:
     return UserError(f"{path}: not a readable .npz, corrupt or truncated ({type(err).__name__}: {err})")
 
 
+def _open_for_reading(path):
+    # blobfile gives local files an 8 MB read buffer, more than a shard of 64x64 samples; remote ones need it.
+    return bf.BlobFile(path, "rb") if storage.is_remote(path) else open(path, "rb")
+
+
 def read_npz(path) -> dict[str, np.ndarray]:
     """Every array of an .npz; a damaged file is a UserError naming it."""
     try:
-        with bf.BlobFile(str(path), "rb") as f:
+        with _open_for_reading(str(path)) as f:
             data = np.load(f)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("a single array (.npy), not an .npz archive")
@@ -78,7 +84,7 @@ def npz_headers(path) -> dict[str, ArrayHeader]:
     """Shape and dtype of each array in an .npz, from the .npy headers alone (no data is read)."""
     headers = {}
     try:
-        with bf.BlobFile(str(path), "rb") as f, zipfile.ZipFile(f) as archive:
+        with _open_for_reading(str(path)) as f, zipfile.ZipFile(f) as archive:
             for member in archive.namelist():
                 if not member.endswith(".npy"):
                     continue
@@ -94,14 +100,13 @@ def npz_headers(path) -> dict[str, ArrayHeader]:
 
 
 def _check_ranges(shards: list[Shard], allow_partial: bool) -> list[tuple[int, int]]:
-    """Refuse empty, overlapping or duplicate ranges; the missing ones are an error unless ``allow_partial``."""
+    """Refuse empty, reversed or overlapping ranges; the missing ones are an error unless ``allow_partial``."""
     gaps, cursor, previous = [], 0, None
     for shard in shards:
         if shard.end <= shard.start:
             raise UserError(f"{shard.path}: empty or reversed index range [{shard.start}, {shard.end})")
         if previous is not None and shard.start < previous.end:
-            what = "duplicate" if (shard.start, shard.end) == (previous.start, previous.end) else "overlapping"
-            raise UserError(f"{what} shards: {previous.name} and {shard.name} both hold indices "
+            raise UserError(f"overlapping shards: {previous.name} and {shard.name} both hold indices "
                             f"[{shard.start}, {min(shard.end, previous.end)}); remove one of them")
         if shard.start > cursor:
             gaps.append((cursor, shard.start))
@@ -119,7 +124,7 @@ def _ranges(ranges, most=10) -> str:
 
 def _check_headers(shards: list[Shard]) -> tuple[tuple[int, int, int], bool]:
     """(H, W, 3) and whether the shards hold labels, all shards agreeing."""
-    image_shape = has_labels = None
+    image_shape = has_labels = first = None
     for shard in shards:
         headers = npz_headers(shard.path)
         images, labels = headers.get("arr_0"), headers.get("arr_1")
@@ -167,6 +172,7 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     folder_out = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(output))
     # Beside the output (one file system, so the rename is atomic), hidden, and with the umask's permissions.
     tmp = os.path.join(folder_out, f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.tmp")
+    os.makedirs(folder_out, exist_ok=True)
     try:
         with open(tmp, "xb") as f:
             preview = _write_npz(f, shards, count, image_shape, has_labels)
@@ -190,7 +196,7 @@ def _write_npz(f, shards, count, image_shape, has_labels):
     nbytes = count * int(np.prod(image_shape))
     preview, labels = [], []
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=nbytes >= zipfile.ZIP64_LIMIT) as member:
+        with archive.open(_member("arr_0.npy"), "w", force_zip64=nbytes >= zipfile.ZIP64_LIMIT) as member:
             np.lib.format.write_array_header_1_0(member, {
                 "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                 "shape": (count, *image_shape)})
@@ -204,9 +210,15 @@ def _write_npz(f, shards, count, image_shape, has_labels):
                 if missing > 0:
                     preview.append(images[:missing].copy())  # a copy: a view would keep the whole shard alive
         if has_labels:
-            with archive.open("arr_1.npy", "w") as member:
+            with archive.open(_member("arr_1.npy"), "w") as member:
                 np.lib.format.write_array(member, np.concatenate(labels), version=(1, 0), allow_pickle=False)
     return np.concatenate(preview)
+
+
+def _member(name) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_MEMBER_TIME)
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def main(argv=None) -> int:

@@ -102,7 +102,7 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
             np.savez(buffer, **{k: v.cpu().numpy() for k, v in out.items()})
             storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
             bar.update(end - start)
-    if any_rank(hooks.should_suspend(), env.device):
+    if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()
@@ -207,11 +207,11 @@ class FidelityInputs:
     samples: ImageSource
     reference: ImageSource
     size: tuple[int, int]
-    inception_weights: str
+    inception_state: dict  # the Inception weights, checked to be plain tensors
 
 
 def fidelity_inputs(samples, reference, metrics, inception_weights) -> FidelityInputs:
-    """The two image sets and the weights of a FID / IS / PR evaluation, checked without loading them."""
+    """The two image sets (checked, not loaded yet) and the weights of a FID / IS / PR evaluation."""
     generated = find_images(samples, "evaluate.samples")
     real = find_images(reference, "evaluate.reference")
     if generated.size and real.size and generated.size != real.size:
@@ -226,7 +226,7 @@ def fidelity_inputs(samples, reference, metrics, inception_weights) -> FidelityI
             if images.count < MIN_IMAGES[metric]:
                 raise UserError(f"{metric} needs at least {MIN_IMAGES[metric]} images, but {images.what} "
                                 f"({images.path}) has {images.count}")
-    return FidelityInputs(generated, real, size, inception_weights_file(inception_weights))
+    return FidelityInputs(generated, real, size, _trusted_state_dict(inception_weights_file(inception_weights)))
 
 
 def inception_weights_file(configured: str | None) -> str:
@@ -273,18 +273,18 @@ def fidelity_metrics(inputs: FidelityInputs, metrics, device) -> dict:
 
     generated = load_images(inputs.samples, inputs.size)
     real = load_images(inputs.reference, inputs.size)
-    state = _trusted_state_dict(inputs.inception_weights)
     with tempfile.TemporaryDirectory() as tmp:
         # torch-fidelity unpickles with weights_only=False: give it a file we wrote from plain tensors.
         trusted = os.path.join(tmp, "inception.pth")
-        torch.save(state, trusted)
-        del state
+        torch.save(inputs.inception_state, trusted)
         flags = {FIDELITY_METRICS[m]: True for m in metrics}
         out = torch_fidelity.calculate_metrics(
             input1=_Uint8Images(generated), input2=_Uint8Images(real), cuda=torch.device(device).type == "cuda",
             feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=trusted, cache=False,
             verbose=False, batch_size=64, isc_splits=min(10, len(generated)), prc_neighborhood=PRC_NEIGHBORHOOD,
-            **flags)
+            # Blocked k-NN distances: the full matrix of 50,000 images would take 10 GB. In-memory
+            # inputs need no loader workers either.
+            save_cpu_ram=True, **flags)
     results = {}
     if "fid" in metrics:
         results["fid"] = {"fid": out["frechet_inception_distance"]}

@@ -123,7 +123,7 @@ def run_sample(spec, env: RankEnv, hooks=None) -> str:
                                      use_ddim=s.use_ddim, eta=s.eta, clip_denoised=s.clip_denoised, labels=labels,
                                      num_classes=num_classes, low_res=low_res, precision=s.precision, device=env.device)
         _write_shard(run_dir.samples, start, end, images, labels)
-    if any_rank(hooks.should_suspend(), env.device):
+    if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:
         dist.barrier()

@@ -114,8 +114,17 @@ def configure_threads(env: RankEnv, environ=None) -> int:
     return threads
 
 
+_control_group = None
+
+
+def control_group():
+    """A gloo group for small CPU-side agreements (preemption): no GPU sync, unlike a NCCL collective."""
+    return _control_group
+
+
 def init_distributed(env: RankEnv) -> None:
     """Join the process group (NCCL on GPU, gloo on CPU); a single rank runs without one."""
+    global _control_group
     if env.world_size == 1 or dist.is_initialized():
         return
     device = env.device
@@ -126,8 +135,11 @@ def init_distributed(env: RankEnv) -> None:
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.rank, world_size=env.world_size, timeout=DIST_TIMEOUT,
     )
+    _control_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
 
 
 def shutdown_distributed() -> None:
+    global _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None

@@ -6,6 +6,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .env import control_group
+
 PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -39,10 +41,10 @@ class PreemptionFlag:
         self.uninstall()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when it is True on any rank (one tiny all-reduce)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any rank (one tiny CPU all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=control_group())
     return bool(value.item())

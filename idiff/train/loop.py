@@ -71,7 +71,7 @@ def train(spec, env: RankEnv, hooks=None) -> str:
     microbatch = choose_microbatch(cfg.microbatch, rank_batch,
                                    fits=_memory_probe(model, diffusion, spec, device) if device.type == "cuda" else None)
     sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    opt = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = EMA(model, cfg.ema_rates) if env.is_main else None
     loader = ShardedLoader(dataset, global_batch=cfg.batch_size, rank=env.rank, world_size=env.world_size,
@@ -97,13 +97,13 @@ def train(spec, env: RankEnv, hooks=None) -> str:
                disable=not (env.is_main and sys.stderr.isatty()))
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision]) \
         if cfg.precision in AUTOCAST_DTYPES else contextlib.nullcontext()
-    nonfinite_in_a_row = nonfinite_total = 0
+    nonfinite = torch.zeros(2, dtype=torch.long, device=device)  # [in a row, total], on the device: no syncs
     last_saved = step  # a resumed run's start is saved already; a fresh start has nothing to save
     data = iter(loader)
     tick, tick_step = time.perf_counter(), step
 
     def save(now: int, *, wait: bool) -> None:
-        payloads, meta = _snapshot(now, spec, env, model, opt, ema, sampler, scaler, loader, nonfinite_total)
+        payloads, meta = _snapshot(now, spec, env, model, opt, ema, sampler, scaler, loader, int(nonfinite[1]))
         if env.is_main:
             after = (lambda: store.prune(cfg.keep_last, cfg.keep_every))
             writer.submit(now, payloads, meta, after=after)
@@ -120,7 +120,7 @@ def train(spec, env: RankEnv, hooks=None) -> str:
 
     status = COMPLETED
     while step < total_steps:
-        if any_rank(hooks.should_suspend(), device):
+        if any_rank(hooks.should_suspend()):
             status = PREEMPTED
             break
         batch = next(data)
@@ -145,24 +145,21 @@ def train(spec, env: RankEnv, hooks=None) -> str:
 
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        if torch.isfinite(grad_norm):  # the step's one host sync; identical on all ranks (reduced grads)
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            stats.add_grad_norm(grad_norm)
-            nonfinite_in_a_row = 0
-        else:
-            scaler.update()
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                _diverged(step, nonfinite_in_a_row, store, writer)
+        finite = torch.isfinite(grad_norm)  # identical on all ranks: the gradients are reduced
+        optimizer_step(opt, scaler, skip=~finite)
+        if ema is not None:
+            ema.update(model)  # a skipped step left the weights as they were
+        stats.add_grad_norm(grad_norm, finite)
+        nonfinite[0] = (nonfinite[0] + 1) * (~finite)  # steps in a row
+        nonfinite[1] += (~finite).long()
         step += 1
         images_seen += cfg.batch_size
         bar.update(1)
 
         if step % cfg.log_interval == 0 or step == total_steps:
+            in_a_row, nonfinite_total = nonfinite.tolist()
+            if in_a_row >= cfg.max_nonfinite_steps:
+                _diverged(step, in_a_row, store, writer)
             row = stats.reduce()
             elapsed = time.perf_counter() - tick
             row.update(step=step, images_seen=images_seen, lr=opt.param_groups[0]["lr"], loss_scale=scaler.get_scale(),
@@ -184,6 +181,27 @@ def train(spec, env: RankEnv, hooks=None) -> str:
     if env.world_size > 1:
         dist.barrier()
     return status
+
+
+def optimizer_step(opt, scaler, *, skip) -> None:
+    """Step unless ``skip`` (a device bool), decided on the device: no host sync in the loop.
+
+    The fused AdamW reads ``found_inf`` itself, as torch's GradScaler arranges for fp16.
+    """
+    if scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+        return
+    opt.found_inf = skip.float()
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+
+
+def make_optimizer(params, *, lr, weight_decay):
+    """AdamW, as the original trains (weight decay 0 by default); fused: one pass over all parameters."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, *, microbatch, scaler=None,

@@ -37,9 +37,9 @@ class StepStats:
             self.counts[row].index_add_(0, quartile, torch.ones_like(values))
 
     @torch.no_grad()
-    def add_grad_norm(self, grad_norm) -> None:
-        self.extra[0] += grad_norm.detach().double()
-        self.extra[1] += 1
+    def add_grad_norm(self, grad_norm, finite) -> None:
+        self.extra[0] += torch.where(finite, grad_norm.detach(), 0).double()
+        self.extra[1] += finite.double()
 
     def reduce(self) -> dict:
         """Means over every rank since the last call (a collective: call on all ranks)."""
