@@ -1,11 +1,13 @@
-"""Speed of idiff against the original's CPU baseline (tests/reference/timing.json), same protocol.
+"""Speed of idiff against the original, same protocol as tests/reference/timing.json, side by side.
 
-    python -m benchmarks.run                       # everything, fp32 and bf16, 2 threads
+    python -m benchmarks.run                                   # everything: fp32 and bf16, 2 threads
     python -m benchmarks.run --only train --models cifar10 --precisions bf16
 
-Prints a table and writes JSON (benchmarks/results/cpu.json). Ratios are baseline median / idiff median
-(> 1 is faster). The machines are shared and noisy: compare medians of runs made side by side, and read
-the matmul ceiling measured in the same run (model FLOP/s as a fraction of it) as the noise-free view.
+Each case is timed for idiff and for the original's compute choices re-created on the same machine
+(benchmarks/original_style.py), with the repetitions interleaved so that load from other processes hits
+both alike. Speedups are medians' ratios against the original's fp32 (> 1 is faster), measured here, and
+against timing.json's medians from the original's machine. Model FLOP/s are also given as a fraction of
+this machine's matmul ceiling. Writes JSON (default benchmarks/results/cpu.json).
 """
 
 import argparse
@@ -24,37 +26,70 @@ from torch.utils.flop_counter import FlopCounterMode
 import idiff
 from idiff.train.loop import accumulate_gradients, make_optimizer
 
+from .original_style import original_optimizer, original_style
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = json.loads((ROOT / "tests" / "reference" / "timing.json").read_text())
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CASES = {"train": "train_step_b8", "forward": "forward_b16_no_grad", "ddim": "ddim10_b4"}
 
 
 def autocast(precision):
     return torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
 
 
-def timed(fn, warmup, reps) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def matmul_ceiling(dtype, n=4096, reps=3) -> float:
+def matmul_ceiling(dtype, n=4096, reps=5) -> float:
     """GFLOP/s of an n x n matmul: the roofline of this machine for ``dtype``."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = min(timed(lambda: a @ b, 1, reps))
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
 
-def build(flags):
+def make_case(case, flags, precision, original):
+    """(a zero-argument callable doing one timed repetition, its model FLOPs)."""
     torch.manual_seed(0)
+    if case == "ddim":
+        flags = {**flags, "timestep_respacing": "ddim10"}
     model, diffusion = idiff.create_model_and_diffusion(**flags)
-    return model, diffusion
+    size = flags["image_size"]
+    style = original_style if original else contextlib.nullcontext
+    inference = torch.no_grad if original else torch.inference_mode
+    if case == "train":
+        model.train()
+        opt = (original_optimizer if original else make_optimizer)(model.parameters(), lr=1e-4, weight_decay=0.0)
+        x, ones = torch.rand(8, 3, size, size) * 2 - 1, torch.ones(8)
+
+        def run():
+            with style():
+                opt.zero_grad(set_to_none=True)
+                t = torch.randint(0, diffusion.num_timesteps, (8,))
+                accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), ones, {}, microbatch=8,
+                                     autocast=autocast(precision))
+                opt.step()
+
+        def flops_of():
+            accumulate_gradients(model, model, diffusion, x, torch.zeros(8, dtype=torch.long), torch.randn_like(x),
+                                 ones, {}, microbatch=8)
+            model.zero_grad(set_to_none=True)
+        return run, count_flops(flops_of)
+    model.eval()
+    if case == "forward":
+        x = torch.randn(16, 3, size, size)
+        t = diffusion.model_timesteps(torch.randint(0, diffusion.num_timesteps, (16,)))
+
+        def run():
+            with style(), inference(), autocast(precision):
+                model(x, t)
+    else:
+        def run():
+            with style(), inference(), autocast(precision):
+                diffusion.ddim_sample_loop(model, (4, 3, size, size), eta=0.0)
+    return run, count_flops(run)
 
 
 def count_flops(fn) -> float:
@@ -63,77 +98,50 @@ def count_flops(fn) -> float:
     return counter.get_total_flops()
 
 
-def bench_train(flags, precision, reps, warmup):
-    model, diffusion = build(flags)
-    model.train()
-    opt = make_optimizer(model.parameters(), lr=1e-4, weight_decay=0.0)
-    x = torch.rand(8, 3, flags["image_size"], flags["image_size"]) * 2 - 1
-    ones = torch.ones(8)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        t = torch.randint(0, diffusion.num_timesteps, (8,))
-        accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), ones, {}, microbatch=8,
-                             autocast=autocast(precision))
-        opt.step()
-
-    flops = count_flops(lambda: accumulate_gradients(model, model, diffusion, x, torch.zeros(8, dtype=torch.long),
-                                                     torch.randn_like(x), ones, {}, microbatch=8))
-    model.zero_grad(set_to_none=True)
-    return timed(step, warmup, reps), flops
-
-
-def bench_forward(flags, precision, reps, warmup):
-    model, diffusion = build(flags)
-    model.eval()
-    x = torch.randn(16, 3, flags["image_size"], flags["image_size"])
-    t = diffusion.model_timesteps(torch.randint(0, diffusion.num_timesteps, (16,)))
-
-    def forward():
-        with torch.inference_mode(), autocast(precision):
-            model(x, t)
-
-    return timed(forward, warmup, reps), count_flops(forward)
-
-
-def bench_ddim(flags, precision, reps, warmup):
-    model, diffusion = build({**flags, "timestep_respacing": "ddim10"})
-    model.eval()
-
-    def sample():
-        with torch.inference_mode(), autocast(precision):
-            diffusion.ddim_sample_loop(model, (4, 3, flags["image_size"], flags["image_size"]), eta=0.0)
-
-    return timed(sample, warmup, reps), count_flops(sample)
-
-
-CASES = {"train": ("train_step_b8", bench_train), "forward": ("forward_b16_no_grad", bench_forward),
-         "ddim": ("ddim10_b4", bench_ddim)}
+def interleaved(runs: dict, warmup: int, reps: int) -> dict:
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def run_models(args, ceilings):
     rows = []
     for model_name in args.models:
-        baseline_model = BASELINE["results"][model_name]
-        for case in args.only:
-            if case not in CASES:
-                continue
-            key, fn = CASES[case]
-            base = baseline_model[key]
+        reference = BASELINE["results"][model_name]
+        for case in [c for c in args.only if c in CASES]:
+            base = reference[CASES[case]]
+            runs, flops = {}, {}
             for precision in args.precisions:
-                times, flops = fn(baseline_model["flags"], precision, base["reps"], base["warmup"])
-                median = statistics.median(times)
+                for original in (False, True):
+                    runs[(precision, original)], flops[original] = make_case(case, reference["flags"], precision,
+                                                                             original)
+            flops = flops[True]  # torch's counter sees the einsum attention, not every fused SDPA kernel
+            times = interleaved(runs, base["warmup"], base["reps"])
+            original_fp32 = statistics.median(times[("fp32", True)]) if ("fp32", True) in times else None
+            for (precision, original), samples in times.items():
+                median = statistics.median(samples)
                 ceiling = ceilings["bf16" if precision == "bf16" else "fp32"]
-                rows.append({
-                    "model": model_name, "case": key, "precision": precision, "median_s": median,
-                    "all_s": times, "baseline_fp32_median_s": base["median_s"],
-                    "speedup_vs_original_fp32": base["median_s"] / median,
+                row = {
+                    "model": model_name, "case": CASES[case], "precision": precision,
+                    "implementation": "original-style" if original else "idiff", "median_s": median, "all_s": samples,
+                    "speedup_vs_original_fp32_here": original_fp32 / median if original_fp32 else None,
+                    "speedup_vs_timing_json": base["median_s"] / median,
                     "model_gflop": flops / 1e9, "gflop_per_s": flops / median / 1e9,
                     "fraction_of_matmul_ceiling": flops / median / 1e9 / ceiling,
-                })
-                print(f"{model_name:8} {key:20} {precision:5} {median:8.3f} s   original fp32 {base['median_s']:6.3f} s   "
-                      f"x{rows[-1]['speedup_vs_original_fp32']:.2f}   {rows[-1]['gflop_per_s']:6.1f} GFLOP/s "
-                      f"({100 * rows[-1]['fraction_of_matmul_ceiling']:.0f}% of {ceiling:.0f})", flush=True)
+                }
+                rows.append(row)
+                here = f"x{row['speedup_vs_original_fp32_here']:.2f}" if original_fp32 else "  -  "
+                print(f"{model_name:8} {row['case']:20} {precision:5} {row['implementation']:15} {median:7.3f} s  "
+                      f"{here} vs original fp32 here  x{row['speedup_vs_timing_json']:.2f} vs timing.json  "
+                      f"{row['gflop_per_s']:5.0f} GFLOP/s = {100 * row['fraction_of_matmul_ceiling']:3.0f}% of ceiling",
+                      flush=True)
     return rows
 
 
@@ -156,8 +164,8 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ceilings = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {args.threads} threads, matmul ceiling: fp32 {ceilings['fp32']:.0f} "
-          f"GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, 4096^2 matmul: fp32 {ceilings['fp32']:.0f} GFLOP/s, "
+          f"bf16 {ceilings['bf16']:.0f} GFLOP/s", flush=True)
     report = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
               "matmul_gflop_per_s": ceilings, "baseline": {k: BASELINE[k] for k in ("implementation", "torch_version")},
               "models": run_models(args, ceilings)}

@@ -16,7 +16,21 @@ class GroupNorm32(nn.GroupNorm):
         if x.dtype == torch.float32:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
+            if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+                # The CPU kernel reads bf16 and accumulates and normalises in fp32 itself: the same
+                # numbers as the round trip below, without two full copies of the activations.
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout; on CPUs the mask comes from ``uniform < keep``, twice as fast there as bernoulli_."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = 1.0 - self.p
+        return x * (torch.rand(x.shape, device=x.device) < keep) * (1.0 / keep)
 
 
 def normalization(channels):
@@ -111,7 +125,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
         if self.out_channels == channels:
@@ -167,7 +181,8 @@ def qkv_attention(qkv, num_heads):
     """Multi-head attention of a [B, heads*3*ch, T] tensor in the per-head [q|k|v] layout -> [B, heads*ch, T]."""
     b, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    q, k, v = qkv.reshape(b, num_heads, 3 * ch, length).transpose(-1, -2).split(ch, dim=-1)
+    # [B, heads, T, ch] with the channel dim contiguous: otherwise SDPA falls back to its slow math path.
+    q, k, v = (part.contiguous() for part in qkv.reshape(b, num_heads, 3 * ch, length).transpose(-1, -2).split(ch, -1))
     # softmax(q.k / sqrt(ch)) v, the original's (q ch^-1/4).(k ch^-1/4) scaling.
     h = F.scaled_dot_product_attention(q, k, v)
     return h.transpose(-1, -2).reshape(b, num_heads * ch, length)
