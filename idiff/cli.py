@@ -135,7 +135,7 @@ def _status(args, argv) -> int:
 def _collect(args, argv) -> int:
     from .collect import main as collect_main
 
-    return collect_main(args.rest)
+    return collect_main(argv[argv.index("collect") + 1:])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -158,7 +158,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(handler=_status)
     p = sub.add_parser("collect", help="merge sample shards (same as idiff-collect)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_collect)
     from .data.cli import register as register_data
 

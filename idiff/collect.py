@@ -131,7 +131,8 @@ def _check_headers(shards: list[Shard]) -> tuple[tuple[int, int, int], bool]:
         if images is None:
             raise UserError(f"{shard.path}: no arr_0 (images)")
         if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] != 3:
-            raise UserError(f"{shard.path}: images are {images.dtype} {list(images.shape)}, expected uint8 [N, H, W, 3]")
+            raise UserError(f"{shard.path}: images are {images.dtype} {list(images.shape)}, "
+                            f"expected uint8 [N, H, W, 3]")
         if images.shape[0] != shard.end - shard.start:
             raise UserError(f"{shard.path}: holds {images.shape[0]} images, its name says {shard.end - shard.start}")
         if image_shape is None:
@@ -201,18 +202,26 @@ def _write_npz(f, shards, count, image_shape, has_labels):
                 "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                 "shape": (count, *image_shape)})
             for shard in tqdm(shards, desc="collect", unit="shard", disable=not sys.stderr.isatty()):
-                arrays = read_npz(shard.path)
-                images = arrays["arr_0"]
-                member.write(np.ascontiguousarray(images).reshape(-1).data)
+                first_images, shard_labels = _copy_images(shard, member, PREVIEW_IMAGES - sum(map(len, preview)))
+                preview.append(first_images)
                 if has_labels:
-                    labels.append(arrays["arr_1"].astype(np.int64))
-                missing = PREVIEW_IMAGES - sum(len(p) for p in preview)
-                if missing > 0:
-                    preview.append(images[:missing].copy())  # a copy: a view would keep the whole shard alive
+                    labels.append(shard_labels)
         if has_labels:
             with archive.open(_member("arr_1.npy"), "w") as member:
                 np.lib.format.write_array(member, np.concatenate(labels), version=(1, 0), allow_pickle=False)
     return np.concatenate(preview)
+
+
+def _copy_images(shard, member, num_first):
+    """Append the shard's images to ``member``; returns copies of its first ``num_first`` images and its labels.
+
+    A function of its own, so that one shard's arrays are freed before the next one is read.
+    """
+    arrays = read_npz(shard.path)
+    images = arrays["arr_0"]
+    member.write(np.ascontiguousarray(images).reshape(-1).data)
+    labels = arrays["arr_1"].astype(np.int64) if "arr_1" in arrays else None
+    return images[:max(num_first, 0)].copy(), labels
 
 
 def _member(name) -> zipfile.ZipInfo:

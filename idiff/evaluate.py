@@ -32,6 +32,7 @@ FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": 
 # ADM evaluator) keep all three metrics on one network and one weights file.
 FEATURE_EXTRACTOR = "inception-v3-compat"
 PRC_NEIGHBORHOOD = 3
+PER_TIMESTEP_TERMS = ("vb", "mse", "xstart_mse")  # calc_bpd_loop's [N, T] outputs
 # Fewer images than this leave a metric undefined: a covariance needs 2, the k-th neighbour k + 1.
 MIN_IMAGES = {"fid": 2, "inception_score": 1, "precision_recall": PRC_NEIGHBORHOOD + 1}
 
@@ -97,9 +98,12 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
         for start, end in todo:
             if hooks.should_suspend():
                 break  # parts written so far are kept; a rerun continues from them
-            out = _nll_part(setup, e, env.device, start, end, progress=show)
+            out = {k: v.cpu().numpy() for k, v in _nll_part(setup, e, env.device, start, end, show).items()}
+            # Per image: the bpd; per timestep: sums over the part's images, so that the merge stays small.
+            part = {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
+                    **{f"{k}_sum": out[k].sum(axis=0, dtype=np.float64) for k in PER_TIMESTEP_TERMS}}
             buffer = io.BytesIO()
-            np.savez(buffer, **{k: v.cpu().numpy() for k, v in out.items()})
+            np.savez(buffer, **part)
             storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
             bar.update(end - start)
     if any_rank(hooks.should_suspend()):
@@ -111,7 +115,7 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
     return "completed"
 
 
-def _nll_part(setup: _NllSetup, e, device, start, end, progress) -> dict:
+def _nll_part(setup: _NllSetup, e, device, start, end, progress: bool) -> dict:
     """calc_bpd_loop over images [start, end): each image's noise comes from its own generator."""
     examples = [setup.dataset[i] for i in range(start, end)]
     x = torch.from_numpy(np.stack([ex.image for ex in examples])).to(device)
@@ -138,8 +142,9 @@ def _merge_nll(parts_dir, num, run_dir, num_timesteps) -> None:
     if sum(p.end - p.start for p in parts) != num:
         raise UserError(f"{parts_dir}: NLL parts cover {sum(p.end - p.start for p in parts)} of {num} images")
     loaded = [read_npz(p.path) for p in parts]
-    merged = {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
-    terms = {f"{k}_per_timestep": merged[k].mean(axis=0) for k in ("vb", "mse", "xstart_mse")}
+    merged = {k: np.concatenate([d[k] for d in loaded]) for k in ("total_bpd", "prior_bpd")}
+    terms = {f"{k}_per_timestep": sum(d[f"{k}_sum"] for d in loaded) / num
+             for k in PER_TIMESTEP_TERMS}
     buffer = io.BytesIO()
     np.savez(buffer, total_bpd=merged["total_bpd"], prior_bpd=merged["prior_bpd"], **terms)
     storage.atomic_write_bytes(storage.join(run_dir.eval, "nll_terms.npz"), buffer.getvalue())

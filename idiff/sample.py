@@ -2,7 +2,9 @@
 
 Sample i is a pure function of (model, seed, i): its label, x_T and every step's noise come from
 one generator seeded by (seed, i). Shards are pure functions of their index range, so a requeued
-job only draws the ranges no complete shard covers, and any world size gives the same images.
+job only draws the ranges no complete shard covers, and any world size or batch size gives the
+same images, up to kernels that round differently for another batch size or thread count (on
+the CPU a rare pixel may then differ by 1).
 """
 
 import contextlib

@@ -56,6 +56,8 @@ def resolve(spec, source) -> Weights:
     if source.use_ema is False:
         name = files["model"]
     else:
+        if not rates:
+            raise UserError(f"use_ema: {run.path} kept no EMA weights (its ema_rate is empty); set use_ema: false")
         rate = rates[0] if source.use_ema is True else float(source.use_ema)
         if rate not in rates:
             raise UserError(f"use_ema: {rate} is not an EMA rate of {run.path} (it has {', '.join(map(str, rates))})")

@@ -33,6 +33,8 @@ def shapes_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+NUM_CLASSES = 2  # shapes_dir's classes
+
 TINY_MODEL = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "8",
               "channel_mult": "1,2", "learn_sigma": True}
 
@@ -45,6 +47,25 @@ def tiny_spec(data_dir, run_dir, **train) -> dict:
         "train": {"data_dir": str(data_dir), "batch_size": 8, "max_steps": 12, "save_interval": 4, "log_interval": 1,
                   "num_workers": 1, "sample_grid": 0, "deterministic": True, "ema_rate": "0.9,0.99", **train},
     }
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_dir, tmp_path_factory):
+    """A class-conditional tiny model, checkpoints at steps 2 and 4, EMA rates 0.9 and 0.99."""
+    root = tmp_path_factory.mktemp("sample")
+    spec = tiny_spec(shapes_dir, root / "train", max_steps=4, save_interval=2)
+    spec["model"].update(class_cond=True, num_classes=NUM_CLASSES)
+    idiff("train", write_spec(root / "train.yaml", spec))
+    return {"root": root, "spec": spec, "run": root / "train"}
+
+
+def assert_refused(kind, spec_path, run_dir, messages, env=None):
+    """The job exits 2 with ``messages`` and no traceback, before its run dir exists."""
+    result = idiff(kind, spec_path, check=False, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    for message in messages:
+        assert message in result.stderr
+    assert "Traceback" not in result.stderr and not Path(run_dir).exists()
 
 
 def write_spec(path, spec: dict) -> str:

@@ -233,8 +233,9 @@ class Job(Section):
         return self
 
     def model_flags(self) -> dict:
-        """The keyword arguments of create_model_and_diffusion for this job."""
-        return {**self.model.model_dump(), **self.diffusion.model_dump()}
+        """The keyword arguments of create_model_and_diffusion for this job (a missing diffusion
+        section means the original's defaults)."""
+        return {**self.model.model_dump(), **(self.diffusion or DiffusionSection()).model_dump()}
 
     def run_hash(self) -> str:
         """Identity of the computation: everything but where it runs and which resources it gets."""
