@@ -9,6 +9,7 @@ the CPU a rare pixel may then differ by 1).
 
 import contextlib
 import io
+import json
 import sys
 
 import numpy as np
@@ -104,6 +105,8 @@ def run_sample(spec, env: RankEnv, hooks=None) -> str:
     base = _base_samples(s, flags["small_size"] if super_res else None, class_cond)
 
     run_dir = hooks.begin()
+    if source.classes and env.is_main:  # the names of the labels in arr_1, from the training run
+        storage.atomic_write_text(run_dir / "classes.json", json.dumps(source.classes, indent=1))
     covered = [(shard.start, shard.end) for shard in scan_shards(run_dir.samples)]
     todo = [part for a, b in rank_ranges(s.num_samples, s.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]

@@ -154,3 +154,15 @@ def test_dry_run_shows_the_sbatch_parameters(reference, shapes_dir):
                      "signal_delay_s: 60", "--container-image=nvcr.io#nvidia/pytorch:24.01-py3"):
         assert expected in out
     assert not (reference["root"] / "dry").exists()
+
+
+def test_max_requeues_bounds_the_requeues(reference, shapes_dir):
+    path, run_dir = spec_file(reference["root"], shapes_dir, "no_requeue", max_requeues=0)
+    job = submitted_job_id(console("idiff-submit", path).stdout)
+    wait_for_step(run_dir, 10)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"  # exit 75: checkpointed, not requeued
+    log = (run_dir / "slurm" / job / f"{job}_0_log.err").read_text()
+    assert "not requeued: 0 requeues reached resources.max_requeues=0" in log and f"idiff-resume {run_dir}" in log
+    history = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in history if e["event"] == "end"] == ["preempted"]

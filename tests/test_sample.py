@@ -53,6 +53,7 @@ def test_two_ranks_with_another_batch_size_draw_the_same_images(trained, ancestr
     assert shard_ranges(run_dir) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 13), (13, 14)]
     one, two = ancestral["out"], output(run_dir, 14)
     assert np.array_equal(one["arr_1"], two["arr_1"]) and set(one["arr_1"]) == {0, 1}
+    assert json.loads((run_dir / "classes.json").read_text()) == ["circle", "square"]  # names of arr_1
     # Byte-identical in every run on the development machine. But CPU BLAS and conv kernels may round
     # a sum differently for another batch size or thread count (~1e-5), which can push a pixel across
     # an integer boundary: about 3 in 1e5 pixels did in measurements on other models.
