@@ -90,15 +90,13 @@ def train(spec, env: RankEnv, hooks=None) -> str:
 
     writer = BackgroundWriter(store) if env.is_main else None
     stats = StepStats(diffusion.num_timesteps, device)
-    total_steps = cfg.max_steps or math.ceil(cfg.max_images / cfg.batch_size)
-    if cfg.max_images:
-        total_steps = min(total_steps, math.ceil(cfg.max_images / cfg.batch_size))
+    total_steps = min(n for n in (cfg.max_steps, cfg.max_images and math.ceil(cfg.max_images / cfg.batch_size)) if n)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (env.is_main and sys.stderr.isatty()))
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision]) \
         if cfg.precision in AUTOCAST_DTYPES else contextlib.nullcontext()
     nonfinite = torch.zeros(2, dtype=torch.long, device=device)  # [in a row, total], on the device: no syncs
-    last_saved = step  # a resumed run's start is saved already; a fresh start has nothing to save
+    start_step = last_saved = step  # a resumed run's start is saved already; a fresh start has nothing to save
     data = iter(loader)
     tick, tick_step = time.perf_counter(), step
 
@@ -108,7 +106,7 @@ def train(spec, env: RankEnv, hooks=None) -> str:
             after = (lambda: store.prune(cfg.keep_last, cfg.keep_every))
             writer.submit(now, payloads, meta, after=after)
             if cfg.sample_grid:
-                preview_grid(spec, ema, cfg.ema_rates[0], model, run_dir / f"samples_{now:06d}.png", device,
+                preview_grid(spec, ema, model, run_dir / f"samples_{now:06d}.png", device,
                              num_labels=len(dataset.classes) if dataset.classes else None)
             rows = log.rows()
             if rows:
@@ -155,6 +153,9 @@ def train(spec, env: RankEnv, hooks=None) -> str:
         step += 1
         images_seen += cfg.batch_size
         bar.update(1)
+        if cfg.compile and step == start_step + 1 and env.is_main:
+            print(f"idiff: first step (torch.compile included) took {time.perf_counter() - tick:.1f} s",
+                  file=sys.stderr, flush=True)
 
         if step % cfg.log_interval == 0 or step == total_steps:
             in_a_row, nonfinite_total = nonfinite.tolist()
