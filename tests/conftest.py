@@ -16,13 +16,35 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 TEST_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
-def require_service(available: bool, what: str) -> None:
-    """Skip (with the reason printed) on a machine without ``what``; under CI=true that is a failure."""
-    if available:
+def require_service(problem: str | None) -> None:
+    """Skip, printing ``problem``, on a machine that lacks a service; under CI=true that is a failure
+    (.ci/run installs and starts what the tests need)."""
+    if problem is None:
         return
     if IN_CI:
-        pytest.fail(f"{what} is not available, but CI must provide it (.ci/run starts it)")
-    pytest.skip(f"{what} is not available on this machine")
+        pytest.fail(f"CI=true, so this must be available: {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+SLURM_NODES = ("n1", "n2")
+
+
+def slurm_cluster_problem() -> str | None:
+    """Why the local two-node cluster of slurm/start-cluster.sh cannot be used, or None."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not found: no Slurm here (start one with: sudo bash slurm/start-cluster.sh)"
+    try:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s: is slurmctld running?"
+    if result.returncode != 0:
+        return f"sinfo failed, is slurmctld running? ({result.stderr.strip()})"
+    states = dict(line.split()[:2] for line in result.stdout.splitlines() if len(line.split()) >= 2)
+    missing = [node for node in SLURM_NODES if node not in states]
+    if missing:
+        return f"nodes {missing} not in this cluster: run slurm/start-cluster.sh"
+    down = [node for node in SLURM_NODES if states[node].rstrip("*~#") not in ("idle", "mix", "alloc")]
+    return f"nodes {down} are not up: run slurm/start-cluster.sh" if down else None
 
 
 @pytest.fixture(scope="session")

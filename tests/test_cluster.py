@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -11,22 +10,15 @@ from pathlib import Path
 import pytest
 
 from conftest import (TEST_ENV, assert_same_function, assert_same_tensors, final_files, idiff, require_service,
-                      tiny_spec, write_spec)
+                      slurm_cluster_problem, tiny_spec, write_spec)
 
 pytestmark = pytest.mark.slurm
 STEPS = 150
 
 
-def cluster_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
-    return out.returncode == 0 and len([line for line in out.stdout.splitlines() if "idle" in line or "mix" in line]) >= 2
-
-
 @pytest.fixture(scope="module", autouse=True)
 def slurm():
-    require_service(cluster_up(), "the local Slurm cluster (bash slurm/start-cluster.sh)")
+    require_service(slurm_cluster_problem())
 
 
 def console(script, *args, check=True):

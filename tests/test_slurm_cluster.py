@@ -8,18 +8,18 @@ preempted job: it waits for USR2 or TERM, then exits 75; after a requeue it exit
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import SLURM_NODES as NODES, require_service, slurm_cluster_problem
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
-NODES = ("n1", "n2")
 # sacct's first word for states a job does not leave (CANCELLED comes as "CANCELLED by UID").
 FINAL_STATES = {
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -48,31 +48,9 @@ def run(*cmd: str, timeout: float = 30, **kwargs) -> str:
     return result.stdout
 
 
-def cluster_problem() -> str | None:
-    """Why the cluster cannot be used, or None."""
-    if shutil.which("sinfo") is None:
-        return "sinfo not found: no Slurm here (start one with: sudo bash slurm/start-cluster.sh)"
-    try:
-        result = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer within 30 s: is slurmctld running?"
-    if result.returncode != 0:
-        return f"sinfo failed, is slurmctld running? ({result.stderr.strip()})"
-    missing = set(NODES) - set(result.stdout.split())
-    if missing:
-        return f"nodes {sorted(missing)} not in this cluster: run slurm/start-cluster.sh"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so the Slurm cluster must be up: {problem}", pytrace=False)
-        pytest.skip(problem)
+    require_service(slurm_cluster_problem())
 
 
 def sacct_states(job: str, all_runs: bool = False) -> list[str]:

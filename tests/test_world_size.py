@@ -45,7 +45,7 @@ def test_weights_agree_across_world_sizes_to_float_rounding(shapes_dir, one_rank
 
 def test_mpiexec_and_local_ranks_agree_bit_for_bit(shapes_dir, tmp_path):
     mpiexec = shutil.which("mpiexec")
-    require_service(mpiexec is not None, "Open MPI (mpiexec)")
+    require_service(None if mpiexec else "mpiexec not found: install Open MPI (Debian: apt install openmpi-bin)")
     local_path, local_dir = train(shapes_dir, tmp_path, "local")
     idiff("train", local_path, "--nproc", 2)
     mpi_path, mpi_dir = train(shapes_dir, tmp_path, "mpi")

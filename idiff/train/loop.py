@@ -29,7 +29,6 @@ from ..factory import create_any_model_and_diffusion
 from ..launch.batch import choose_microbatch, per_rank_batch
 from ..launch.env import RankEnv
 from ..launch.signals import any_rank
-from ..run_dir import RunDir
 from ..visualize import plot_losses
 from .checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
 from .ema import EMA
