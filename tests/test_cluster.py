@@ -13,6 +13,7 @@ from conftest import (TEST_ENV, assert_same_function, assert_same_tensors, final
                       slurm_cluster_problem, tiny_spec, write_spec)
 
 pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[1]
 STEPS = 150
 
 
@@ -158,3 +159,17 @@ def test_max_requeues_bounds_the_requeues(reference, shapes_dir):
     assert "not requeued: 0 requeues reached resources.max_requeues=0" in log and f"idiff-resume {run_dir}" in log
     history = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
     assert [e["status"] for e in history if e["event"] == "end"] == ["preempted"]
+
+
+def test_plain_sbatch_script_runs_idiff_on_two_nodes(reference, shapes_dir):
+    """slurm/train.sbatch -> srun idiff train: the rank environment comes from srun's variables."""
+    path, run_dir = spec_file(reference["root"], shapes_dir, "sbatch")
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--time=10", f"--output={reference['root']}/sbatch-%j.out", str(REPO / "slurm" / "train.sbatch"), path],
+        capture_output=True, text=True, check=True, env={**TEST_ENV, "IDIFF": str(Path(sys.executable).parent / "idiff")})
+    job = out.stdout.strip().split(";")[0]
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    log = (reference["root"] / f"sbatch-{job}.out").read_text()
+    assert "rank 0/2 (local 0, slurm, cpu)" in log
+    assert_same_tensors(final_files(run_dir, STEPS), reference["final"])

@@ -4,6 +4,7 @@ The job bodies only ever see a RankEnv; how it was built is the launcher's busin
 """
 
 import datetime
+import hashlib
 import os
 import socket
 import subprocess
@@ -59,8 +60,7 @@ def detect_rank_env(environ=None) -> RankEnv:
             local_world_size=int(env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]),
             launcher="slurm",
             master_addr=first_slurm_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
-            # Derived from the job (and its requeue count) so that concurrent jobs sharing a node differ.
-            master_port=20000 + (int(env["SLURM_JOB_ID"]) * 13 + restarts) % 20000,
+            master_port=port_for_job(env["SLURM_JOB_ID"], restarts),
             slurm_job_id=job_id, restart_count=restarts,
         )
     for rank_var, size_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMIX_RANK", "PMIX_SIZE"),
@@ -68,6 +68,13 @@ def detect_rank_env(environ=None) -> RankEnv:
         if rank_var in env and int(env.get(size_var, 1)) > 1:
             return _mpi_env()
     return RankEnv()
+
+
+def port_for_job(job_id: str, restart_count: int = 0) -> int:
+    """The rendezvous port of a scheduler job: derived from its id and requeue count, so that every
+    rank computes the same one and concurrent jobs sharing a node do not collide."""
+    digest = int(hashlib.sha256(f"{job_id}:{restart_count}".encode()).hexdigest()[:8], 16)
+    return 20000 + digest % 20000
 
 
 def first_slurm_host(nodelist: str) -> str:

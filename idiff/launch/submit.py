@@ -7,7 +7,6 @@ rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or 
 """
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,14 +19,9 @@ from .. import storage
 from ..errors import UserError
 from ..jobs.io import apply_overrides, check_run_dir, dump_spec, load_spec, parse_spec
 from ..run_dir import RunDir
-from .env import RankEnv
+from .env import RankEnv, port_for_job
 from .runner import EXIT_PREEMPTED, report_user_error, run_job
 from .signals import PreemptionFlag
-
-
-def _port_for(job_id: str, restart_count: int) -> int:
-    digest = int(hashlib.sha256(f"{job_id}:{restart_count}".encode()).hexdigest()[:8], 16)
-    return 20000 + digest % 20000
 
 
 def rank_env_from_submitit() -> RankEnv:
@@ -38,7 +32,7 @@ def rank_env_from_submitit() -> RankEnv:
     return RankEnv(
         rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
         local_world_size=max(1, job.num_tasks // job.num_nodes), launcher="submitit",
-        master_addr=job.hostnames[0] if on_slurm else "127.0.0.1", master_port=_port_for(job.job_id, restarts),
+        master_addr=job.hostnames[0] if on_slurm else "127.0.0.1", master_port=port_for_job(job.job_id, restarts),
         slurm_job_id=job.job_id if on_slurm else None, restart_count=restarts,
     )
 
