@@ -108,6 +108,12 @@ def cancel_midway(root, shapes_dir, name):
     wait_for_step(run_dir, 25)
     subprocess.run(["scancel", job], check=True)
     assert wait_state(job, {"CANCELLED", "FAILED", "COMPLETED"}) == "CANCELLED"
+    # The job is CANCELLED at once, but its ranks may still be writing the checkpoint that SIGTERM asked
+    # for (Slurm's KillWait): only once the job has left the queue are its files final.
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} never left the queue"
+        time.sleep(0.5)
     steps = sorted(int(p.stem[-6:]) for p in (run_dir / "checkpoints").glob("checkpoint*.json"))
     assert steps and steps[-1] < STEPS
     return run_dir, steps[-1]
