@@ -9,7 +9,6 @@ the TF32 peak, half of it by default). It runs on a CPU too (--device cpu), for 
 """
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -19,12 +18,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import idiff
+from idiff.precision import autocast
 from idiff.train.ema import EMA
 from idiff.train.loop import accumulate_gradients, make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"imagenet64": "imagenet64_uncond", "cifar10": "cifar10"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flags_of(name):
@@ -33,10 +32,9 @@ def flags_of(name):
 
 def train_step(model, diffusion, opt, ema, scaler, x, precision):
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    ac = torch.autocast(x.device.type, dtype=DTYPES[precision]) if precision in DTYPES else contextlib.nullcontext()
     opt.zero_grad(set_to_none=True)
     accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), torch.ones(x.shape[0], device=x.device),
-                         {}, microbatch=x.shape[0], scaler=scaler, autocast=ac)
+                         {}, microbatch=x.shape[0], scaler=scaler, mixed_precision=autocast(x.device, precision))
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     optimizer_step(opt, scaler, skip=~torch.isfinite(norm))

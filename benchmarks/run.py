@@ -24,18 +24,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import idiff
+from idiff.precision import autocast
 from idiff.train.loop import accumulate_gradients, make_optimizer
 
 from .original_style import original_optimizer, original_style
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = json.loads((ROOT / "tests" / "reference" / "timing.json").read_text())
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {"train": "train_step_b8", "forward": "forward_b16_no_grad", "ddim": "ddim10_b4"}
-
-
-def autocast(precision):
-    return torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
 
 
 def best_time(fn, reps=5) -> float:
@@ -79,7 +75,7 @@ def make_case(case, flags, precision, original):
                 opt.zero_grad(set_to_none=True)
                 t = torch.randint(0, diffusion.num_timesteps, (8,))
                 accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), ones, {}, microbatch=8,
-                                     autocast=autocast(precision))
+                                     mixed_precision=autocast("cpu", precision))
                 opt.step()
 
         def flops_of():
@@ -93,11 +89,11 @@ def make_case(case, flags, precision, original):
         t = diffusion.model_timesteps(torch.randint(0, diffusion.num_timesteps, (16,)))
 
         def run():
-            with style(), inference(), autocast(precision):
+            with style(), inference(), autocast("cpu", precision):
                 model(x, t)
     else:
         def run():
-            with style(), inference(), autocast(precision):
+            with style(), inference(), autocast("cpu", precision):
                 diffusion.ddim_sample_loop(model, (4, 3, size, size), eta=0.0)
     return run, count_flops(run)
 

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, report
 
 RUN_KINDS = ("train", "sample", "evaluate")
 
@@ -178,8 +178,7 @@ def main(argv=None) -> int:
     try:
         return args.handler(args, argv) if args.command != "data" else args.func(args)
     except (UserError, RunFailed) as err:
-        print(f"idiff: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report(err)
 
 
 if __name__ == "__main__":

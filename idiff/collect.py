@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import storage
-from .errors import UserError
+from .errors import UserError, report
 from .visualize import image_grid
 
 _SHARD = re.compile(r"^shard-(\d{8})-(\d{8})\.npz$")
@@ -241,7 +241,6 @@ def main(argv=None) -> int:
     try:
         path = collect(args.source, args.output, force=args.force, allow_partial=args.allow_partial)
     except UserError as err:
-        print(f"idiff-collect: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return report(err, "idiff-collect")
     print(path)
     return 0

@@ -7,7 +7,6 @@ same images, up to kernels that round differently for another batch size or thre
 the CPU a rare pixel may then differ by 1).
 """
 
-import contextlib
 import io
 import json
 import sys
@@ -22,11 +21,9 @@ from .collect import collect, read_npz, scan_shards, shard_name
 from .diffusion import samplers
 from .errors import UserError
 from .launch.env import RankEnv
+from .precision import autocast
 from .launch.signals import any_rank
 from .visualize import to_uint8
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def draw_images(model, diffusion, indices, *, seed, image_size, use_ddim=False, eta=0.0, clip_denoised=True,
                 labels=None, num_classes=None, low_res=None, precision="fp32", device="cpu", stream=rng.Stream.SAMPLE):
@@ -45,9 +42,7 @@ def draw_images(model, diffusion, indices, *, seed, image_size, use_ddim=False, 
     if low_res is not None:
         model_kwargs["low_res"] = low_res.to(device)
     options = {"eta": eta} if use_ddim else {}
-    autocast = torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision]) \
-        if precision in AUTOCAST_DTYPES else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, precision):
         x_0 = samplers.sample("ddim" if use_ddim else "ancestral", diffusion, model, x_t, clip_denoised=clip_denoised,
                               model_kwargs=model_kwargs, noise_fn=rng.PerSampleNoise(gens), **options)
     return to_uint8(x_0), (np.asarray(labels, dtype=np.int64) if labels is not None else None)

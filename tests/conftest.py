@@ -81,13 +81,16 @@ def trained(shapes_dir, tmp_path_factory):
     return {"root": root, "spec": spec, "run": root / "train"}
 
 
-def assert_refused(kind, spec_path, run_dir, messages, env=None):
-    """The job exits 2 with ``messages`` and no traceback, before its run dir exists."""
-    result = idiff(kind, spec_path, check=False, env=env)
+def assert_refused(kind, spec_path, run_dir, messages, *args, env=None) -> str:
+    """``idiff KIND SPEC ARGS`` exits 2 with ``messages`` and no traceback, before ``run_dir`` (unless
+    None) exists; returns what it printed."""
+    result = idiff(kind, spec_path, *args, check=False, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     for message in messages:
-        assert message in result.stderr
-    assert "Traceback" not in result.stderr and not Path(run_dir).exists()
+        assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert run_dir is None or not Path(run_dir).exists()
+    return result.stderr
 
 
 def write_spec(path, spec: dict) -> str:

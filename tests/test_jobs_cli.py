@@ -10,7 +10,7 @@ from idiff.cli import main as idiff_main
 from idiff.factory import model_and_diffusion_defaults, sr_model_and_diffusion_defaults
 from idiff.jobs.docs import spec_reference
 
-from conftest import idiff, tiny_spec, write_spec
+from conftest import assert_refused, idiff, tiny_spec, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,16 +38,10 @@ def test_spec_reference_is_generated_from_the_models():
 
 
 def rejected(tmp_path, spec, *extra, match):
-    """exit 2, a message naming the problem, and nothing written to the run dir."""
-    path = write_spec(tmp_path / "bad.yaml", spec) if isinstance(spec, dict) else spec
-    result = idiff("train", path, *extra, check=False)
-    assert result.returncode == 2, result.stderr
-    assert match in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-    run_dir = Path(spec["run_dir"]) if isinstance(spec, dict) else None
-    if run_dir is not None:
-        assert not run_dir.exists() or not any(run_dir.iterdir())
-    return result.stderr
+    """A train spec (dict, or a path) that exits 2 naming the problem, with nothing written to its run dir."""
+    if isinstance(spec, dict):
+        return assert_refused("train", write_spec(tmp_path / "bad.yaml", spec), spec["run_dir"], [match], *extra)
+    return assert_refused("train", spec, None, [match], *extra)
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """UNet behaviour beyond the golden numbers: errors, precision, checkpointing, other sizes."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -127,3 +129,33 @@ def test_runs_under_autocast_with_float32_group_norm(dtype):
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference, rtol=0.05, atol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_ddim_reverse_step_moves_to_t_plus_1_along_the_predicted_noise():
+    model, diffusion = idiff.create_model_and_diffusion(**TINY)
+    perturbed(model).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 60])
+    with torch.no_grad():
+        out = diffusion.ddim_reverse_sample(model, x, t)
+        pmv = diffusion.p_mean_variance(model, x, t)
+    eps = diffusion._predict_eps_from_xstart(x, t, pmv["pred_xstart"])
+    abar_next = torch.tensor(diffusion.alphas_cumprod[t.numpy() + 1], dtype=torch.float32).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out["sample"], pmv["pred_xstart"] * abar_next.sqrt() + (1 - abar_next).sqrt() * eps)
+    with pytest.raises(AssertionError):
+        diffusion.ddim_reverse_sample(model, x, t, eta=0.5)
+
+
+def test_loss_aware_sampler_gathers_the_losses_of_every_rank(tmp_path):
+    import torch.distributed as dist
+
+    from idiff.diffusion import LossSecondMomentResampler
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sampler = LossSecondMomentResampler(SimpleNamespace(num_timesteps=3), history_per_term=1)
+        sampler.update_with_local_losses(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))
+    finally:
+        dist.destroy_process_group()
+    assert sampler._warmed_up()
+    torch.testing.assert_close(torch.from_numpy(sampler.probabilities()),
+                               torch.tensor([1, 2, 3], dtype=torch.float64) / 6 * 0.999 + 0.001 / 3)

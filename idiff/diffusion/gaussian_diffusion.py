@@ -131,9 +131,6 @@ class GaussianDiffusion:
             return original.float() * (1000.0 / self.original_num_steps)
         return original
 
-    def _scale_timesteps(self, t):
-        return self.model_timesteps(t)
-
     def _call_model(self, model, x, t, model_kwargs):
         return model(x, self.model_timesteps(t), **(model_kwargs or {})).float()
 

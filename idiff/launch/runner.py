@@ -1,11 +1,8 @@
 """Run a job body on this process's rank, the same way under every launcher."""
 
-import sys
-
 import torch.distributed as dist
 
 from .. import storage
-from ..errors import UserError
 from ..jobs.io import check_run_dir, claim_run_dir
 from ..run_dir import RunDir
 from .env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
@@ -69,8 +66,3 @@ def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None 
 
 def exit_code(status: str) -> int:
     return EXIT_PREEMPTED if status == "preempted" else 0
-
-
-def report_user_error(err: UserError, prog: str = "idiff") -> int:
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return err.exit_code

@@ -16,11 +16,11 @@ import submitit
 import yaml
 
 from .. import storage
-from ..errors import UserError
+from ..errors import UserError, report
 from ..jobs.io import apply_overrides, check_run_dir, dump_spec, load_spec, parse_spec
 from ..run_dir import RunDir
 from .env import RankEnv, port_for_job
-from .runner import EXIT_PREEMPTED, report_user_error, run_job
+from .runner import EXIT_PREEMPTED, run_job
 from .signals import PreemptionFlag
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         spec = load_spec(args.spec, [*args.overrides, *_resource_overrides(args)])
         submit(spec, local=args.local, dry_run=args.dry_run, force_new=args.force_new)
     except UserError as err:
-        return report_user_error(err, "idiff-submit")
+        return report(err, "idiff-submit")
     return 0
 
 
@@ -178,5 +178,5 @@ def resume_main(argv=None) -> int:
                           source=f"{args.run_dir}/spec.yaml")
         submit(spec, local=args.local, dry_run=args.dry_run)
     except UserError as err:
-        return report_user_error(err, "idiff-resume")
+        return report(err, "idiff-resume")
     return 0

@@ -29,6 +29,7 @@ from ..factory import create_any_model_and_diffusion
 from ..launch.batch import choose_microbatch, per_rank_batch
 from ..launch.env import RankEnv
 from ..launch.signals import any_rank
+from ..precision import autocast
 from ..visualize import plot_losses
 from .checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
 from .ema import EMA
@@ -36,7 +37,6 @@ from .metrics import MetricsLog, StepStats
 from .preview import preview_grid
 
 COMPLETED, PREEMPTED = "completed", "preempted"
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train(spec, env: RankEnv, hooks=None) -> str:
@@ -92,8 +92,7 @@ def train(spec, env: RankEnv, hooks=None) -> str:
     total_steps = min(n for n in (cfg.max_steps, cfg.max_images and math.ceil(cfg.max_images / cfg.batch_size)) if n)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (env.is_main and sys.stderr.isatty()))
-    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision]) \
-        if cfg.precision in AUTOCAST_DTYPES else contextlib.nullcontext()
+    mixed = autocast(device, cfg.precision)
     nonfinite = torch.zeros(2, dtype=torch.long, device=device)  # [in a row, total], on the device: no syncs
     start_step = last_saved = step  # a resumed run's start is saved already; a fresh start has nothing to save
     data = iter(loader)
@@ -136,7 +135,7 @@ def train(spec, env: RankEnv, hooks=None) -> str:
             group["lr"] = cfg.lr * (1 - step / cfg.lr_anneal_steps) if cfg.lr_anneal_steps else cfg.lr
         opt.zero_grad(set_to_none=True)
         losses = accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, microbatch=microbatch,
-                                      scaler=scaler, autocast=autocast, stats=stats)
+                                      scaler=scaler, mixed_precision=mixed, stats=stats)
         if isinstance(sampler, LossAwareSampler):
             _update_sampler(sampler, global_index, t, losses, env)
 
@@ -205,7 +204,7 @@ def make_optimizer(params, *, lr, weight_decay):
 
 
 def accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, *, microbatch, scaler=None,
-                         autocast=contextlib.nullcontext(), stats=None):
+                         mixed_precision=contextlib.nullcontext(), stats=None):
     """Backward of this rank's batch in microbatches; returns the per-example losses.
 
     Each microbatch's weighted loss is summed and divided by the whole rank batch, so the
@@ -219,7 +218,7 @@ def accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, *,
         end = min(start + microbatch, rank_batch)
         sync = ddp.no_sync() if distributed and end < rank_batch else contextlib.nullcontext()
         with sync:
-            with autocast:
+            with mixed_precision:
                 losses = diffusion.training_losses(forward, x[start:end], t[start:end], noise=noise[start:end],
                                                    model_kwargs={k: v[start:end] for k, v in cond.items()})
             loss = (losses["loss"] * weights[start:end]).sum() / rank_batch
@@ -241,8 +240,7 @@ def _memory_probe(model, diffusion, spec, device):
             kwargs = {"y": torch.zeros(n, dtype=torch.long, device=device)} if spec.model.class_cond else {}
             if spec.model.is_super_res:
                 kwargs["low_res"] = torch.zeros(n, 3, spec.model.small_size, spec.model.small_size, device=device)
-            with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(spec.train.precision, torch.float32),
-                                enabled=spec.train.precision in AUTOCAST_DTYPES):
+            with autocast(device, spec.train.precision):
                 diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].sum().backward()
             return True
         except torch.cuda.OutOfMemoryError:
