@@ -37,10 +37,7 @@ PER_TIMESTEP_TERMS = ("vb", "mse", "xstart_mse")  # calc_bpd_loop's [N, T] outpu
 MIN_IMAGES = {"fid": 2, "inception_score": 1, "precision_recall": PRC_NEIGHBORHOOD + 1}
 
 
-def run_evaluate(spec, env: RankEnv, hooks=None) -> str:
-    from .launch.runner import JobHooks
-
-    hooks = hooks or JobHooks(spec, env)
+def run_evaluate(spec, env: RankEnv, hooks) -> str:
     e = spec.evaluate
     nll = _prepare_nll(spec, env) if "nll" in e.metrics else None
     wanted = [m for m in e.metrics if m in FIDELITY_METRICS]

@@ -82,12 +82,9 @@ def labels_for(indices, mode, num_classes):
     return [mode[i % len(mode)] for i in indices]
 
 
-def run_sample(spec, env: RankEnv, hooks=None) -> str:
+def run_sample(spec, env: RankEnv, hooks) -> str:
     """Draw the shards of ``spec`` (a SampleJob) this rank owns and no earlier job finished; rank 0
     then collects them. Inputs are checked before the run dir is taken: a bad spec writes nothing."""
-    from .launch.runner import JobHooks
-
-    hooks = hooks or JobHooks(spec, env)
     s = spec.sample
     source = weights.resolve(spec, s)
     model, diffusion = source.build(env.device, timestep_respacing=s.timestep_respacing)

@@ -39,15 +39,12 @@ from .preview import preview_grid
 COMPLETED, PREEMPTED = "completed", "preempted"
 
 
-def train(spec, env: RankEnv, hooks=None) -> str:
+def train(spec, env: RankEnv, hooks) -> str:
     """Train ``spec`` (a TrainJob) on this rank until it ends or is suspended: "completed" / "preempted".
 
     :param hooks: ``begin()`` takes the run dir once the inputs are checked; ``should_suspend()`` is
         polled at every step boundary (the preemption flag) and all ranks agree before acting on it.
     """
-    from ..launch.runner import JobHooks
-
-    hooks = hooks or JobHooks(spec, env)
     cfg, device = spec.train, env.device
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     dataset = ImageDataset(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
