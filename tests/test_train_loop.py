@@ -91,7 +91,8 @@ def test_fp16_keeps_its_grad_scaler_state_and_bf16_runs(tmp_path, shapes_dir):
     scaler = load(fp16 / "checkpoints" / "state000002.pt")["grad_scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler
     assert rows(fp16)[-1]["loss_scale"] == scaler["scale"]
-    _, bf16 = run(tmp_path, shapes_dir, "bf16", precision="bf16", max_steps=2, save_interval=2)
+    result, bf16 = run(tmp_path, shapes_dir, "bf16", precision="bf16", max_steps=2, save_interval=2, microbatch="auto")
+    assert "microbatch 8" in result.stderr  # 'auto' on a CPU: the whole rank batch
     assert all(r["loss"] == r["loss"] for r in rows(bf16))  # finite
 
 
