@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (TEST_ENV, assert_same_function, assert_same_tensors, final_files, idiff, require_service,
-                      slurm_cluster_problem, tiny_spec, write_spec)
+                      slurm_cluster_problem, tiny_spec, wait_for_step, write_spec)
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
@@ -54,17 +54,6 @@ def wait_state(job_id, states, timeout=180):
             return current
         time.sleep(1)
     raise AssertionError(f"job {job_id} is {state(job_id)} after {timeout}s, expected one of {states}")
-
-
-def wait_for_step(run_dir: Path, step: int, timeout=120):
-    deadline = time.monotonic() + timeout
-    log = run_dir / "log.jsonl"
-    while time.monotonic() < deadline:
-        lines = log.read_text().splitlines() if log.exists() else []
-        if lines and json.loads(lines[-1])["step"] >= step:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{run_dir} never reached step {step}")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ FINAL_STATES = {
 }
 
 STAND_IN = """#!/bin/bash
+[[ $1 == srun-prefix ]] && exit 0  # asked for the spec's container: there is none
 log=$STAND_IN_LOG
 if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then
   sleep 300 &
