@@ -7,6 +7,7 @@ is fed the original timestep, times 1000/T when ``rescale_timesteps``.
 """
 
 import enum
+import math
 
 import numpy as np
 import torch
@@ -43,6 +44,12 @@ class LossType(enum.Enum):
 
 
 _LOG2 = np.log(2.0)
+
+
+def _process_xstart(x_start, clip_denoised, denoised_fn):
+    if denoised_fn is not None:
+        x_start = denoised_fn(x_start)
+    return x_start.clamp(-1, 1) if clip_denoised else x_start
 
 
 class GaussianDiffusion:
@@ -125,14 +132,21 @@ class GaussianDiffusion:
         return values.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
 
     def model_timesteps(self, t):
-        """The timesteps the model is fed for chain steps ``t``."""
-        original = self._table("timestep_map", t.device)[t]
+        """The timesteps the model is fed for chain steps ``t``; a floating ``t`` between two steps (the ODE
+        samplers' fractional times) gets the original timestep interpolated linearly between theirs."""
+        table = self._table("timestep_map", t.device)
+        if t.is_floating_point():
+            below = t.floor().long().clamp(0, self.num_timesteps - 1)
+            above = (below + 1).clamp(max=self.num_timesteps - 1)
+            original = (table[below] + (t.double() - below) * (table[above] - table[below])).float()
+        else:
+            original = table[t]
         if self.rescale_timesteps:
             return original.float() * (1000.0 / self.original_num_steps)
         return original
 
     def _call_model(self, model, x, t, model_kwargs):
-        return model(x, self.model_timesteps(t), **(model_kwargs or {})).float()
+        return model(x, self.model_timesteps(t), **(model_kwargs or {})).to(x.dtype)
 
     # ------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start, t):
@@ -192,19 +206,16 @@ class GaussianDiffusion:
             variance = self._extract("posterior_variance", t, x.shape)
             log_variance = self._extract("posterior_log_variance_clipped", t, x.shape)
 
-        def process_xstart(x_start):
-            if denoised_fn is not None:
-                x_start = denoised_fn(x_start)
-            return x_start.clamp(-1, 1) if clip_denoised else x_start
-
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x, t, model_output))
+            pred_xstart = _process_xstart(self._predict_xstart_from_xprev(x, t, model_output), clip_denoised,
+                                          denoised_fn)
             mean = model_output
         else:
             if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
+                pred_xstart = _process_xstart(model_output, clip_denoised, denoised_fn)
             else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, model_output))
+                pred_xstart = _process_xstart(self._predict_xstart_from_eps(x, t, model_output), clip_denoised,
+                                              denoised_fn)
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
@@ -224,6 +235,36 @@ class GaussianDiffusion:
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
+
+    # ------------------------------------------ continuous time (the ODE samplers)
+    def alpha_bar_at(self, t: float) -> float:
+        """abar at chain time ``t`` in [0, T-1]: the table's value at a step; between two steps, log sigma (with
+        sigma^2 = (1 - abar) / abar) is interpolated linearly in t, as k-diffusion does for discrete schedules."""
+        if float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        sigma_squared = np.exp(2 * np.interp(t, np.arange(self.num_timesteps), self._log_sigmas))
+        return float(1.0 / (1.0 + sigma_squared))
+
+    def time_at(self, log_sigma: float) -> float:
+        """The chain time (fractional) whose noise level is ``log_sigma``: the inverse of ``alpha_bar_at``."""
+        return float(np.interp(log_sigma, self._log_sigmas, np.arange(self.num_timesteps)))
+
+    @property
+    def _log_sigmas(self):
+        return 0.5 * np.log(1.0 / self.alphas_cumprod - 1.0)
+
+    def denoise(self, model, x, t: float, *, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+        """The model's x_0 for ``x`` at chain time ``t`` (fractional allowed): the denoiser of the probability-flow
+        ODE. Only the mean half of a learned-variance output is used; an x_0-predicting model is used directly."""
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            raise ValueError("the ODE samplers need a model that predicts the noise or x_0, not x_{t-1}")
+        steps = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
+        output = self._call_model(model, x, steps, model_kwargs)[:, : x.shape[1]]
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            alpha_bar = self.alpha_bar_at(t)
+            # The float64 coefficients of _predict_xstart_from_eps, so that at a step the two agree exactly.
+            output = math.sqrt(1.0 / alpha_bar) * x - math.sqrt(1.0 / alpha_bar - 1) * output
+        return _process_xstart(output, clip_denoised, denoised_fn)
 
     # ------------------------------------------------------------------ sampling
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, noise_fn=None):

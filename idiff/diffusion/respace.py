@@ -11,13 +11,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
     rounding), which is what the released respaced samplers used.
     """
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+        ddim, counts = parse_respacing(section_counts)
+        if ddim:
+            desired = counts[0]
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
             raise ValueError(f"cannot take exactly {desired} evenly strided steps out of {num_timesteps}")
-        section_counts = [int(part) for part in section_counts.split(",")]
+        section_counts = counts
     base_size, extra = divmod(num_timesteps, len(section_counts))
     kept = set()
     section_start = 0
@@ -32,3 +33,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
             position += stride
         section_start += size
     return kept
+
+
+def parse_respacing(text: str) -> tuple[bool, list[int]]:
+    """``"ddim50"`` -> (True, [50]); ``"10,15,20"`` -> (False, [10, 15, 20]); anything else is a ValueError."""
+    ddim = text.startswith("ddim")
+    parts = (text[len("ddim"):] if ddim else text).split(",")
+    if (ddim and len(parts) != 1) or not all(part.strip().isdecimal() and int(part) > 0 for part in parts):
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        raise ValueError(f"{shown!r} is not a respacing: expected a step count ('250'), counts per section "
+                         f"('10,15,20') or 'ddimN' (N evenly strided steps), all positive")
+    return ddim, [int(part) for part in parts]

@@ -3,11 +3,14 @@
 ``sampler(diffusion, model, x_T, *, clip_denoised, denoised_fn, model_kwargs, noise_fn, progress,
 **options)`` yields each step's ``{"sample", "pred_xstart"}``, from t = T-1 down to 0.
 ``noise_fn(x)`` draws the fresh noise of a step, shaped like ``x``: pass a per-sample noise
-source to make each image independent of the batch it is drawn in.
+source to make each image independent of the batch it is drawn in. The ODE samplers of
+``ode_samplers`` draw none and take ``steps`` and ``spacing`` as options.
 """
 
 import torch
 from tqdm.auto import tqdm
+
+from .ode_samplers import dpmpp_2m, dpmpp_3m, heun
 
 
 def reversed_steps(num_timesteps: int, progress: bool = False):
@@ -38,7 +41,11 @@ def ddim(diffusion, model, x, *, clip_denoised=True, denoised_fn=None, model_kwa
                      denoised_fn=denoised_fn, model_kwargs=model_kwargs, noise_fn=noise_fn, eta=eta)
 
 
-SAMPLERS = {"ancestral": ancestral, "ddim": ddim}
+SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "heun": heun}
+ODE_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "heun")
+# The fewest model evaluations with which a sampler takes one step of its full order before its final step to x_0
+# (a multistep method of order k needs k - 1 earlier evaluations, Heun two evaluations per step).
+MIN_STEPS = {"ancestral": 1, "ddim": 1, "dpmpp_2m": 3, "dpmpp_3m": 4, "heun": 3}
 
 
 def sample(name, diffusion, model, x, **kwargs):
