@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .errors import RunFailed, UserError, report
+from .errors import UserError, guarded
 
 RUN_KINDS = ("train", "sample", "evaluate")
 
@@ -57,16 +57,18 @@ def _without_nproc(argv):
 
 def _run(args, argv) -> int:
     from .launch.env import detect_rank_env
-    from .launch.runner import exit_code, run_job
+    from .launch.runner import check_run_dir_usable, exit_code, run_job
+    from .launch.signals import PreemptionFlag
 
     spec = build_spec(args.command, args)
     if args.nproc > 1 and detect_rank_env().world_size == 1:
-        from .jobs.io import check_run_dir
         from .launch.local import run_local_ranks
 
-        check_run_dir(spec, args.force_new)  # fail before starting anything
+        check_run_dir_usable(spec, args.force_new)  # fail before starting anything
         return run_local_ranks(_without_nproc(argv), args.nproc)
-    return exit_code(run_job(spec, force_new=args.force_new))
+    with PreemptionFlag() as flag:
+        status = run_job(spec, force_new=args.force_new, preemption=flag)
+    return exit_code(status, flag.received)
 
 
 def _validate(args, argv) -> int:
@@ -96,7 +98,7 @@ def spec_summary(spec) -> str:
                 f"lr {t.lr:g}, {end}, {t.precision}; {where} -> {spec.run_dir}")
     if spec.kind == "sample":
         s = spec.sample
-        how = f"ddim {s.timestep_respacing or 'all steps'}" if s.use_ddim else f"ancestral {s.timestep_respacing or 'all steps'}"
+        how = s.sampling
         return f"sample {spec.name}: {s.num_samples} images, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
     return f"evaluate {spec.name}: {', '.join(spec.evaluate.metrics)}; {where} -> {spec.run_dir}"
 
@@ -118,18 +120,36 @@ def _spec(args, argv) -> int:
         return 0
     from .jobs.io import dump_spec
 
-    kind, rest = args.kind, list(args.flags)  # everything argparse did not know: the job's flags
-    sub = argparse.ArgumentParser(prog=f"idiff spec --from-flags {kind}")
-    _add_run_command(sub.add_subparsers(dest="command"), kind)
-    parsed = sub.parse_args([kind, *rest])
-    print(dump_spec(build_spec(kind, parsed)), end="")
+    # everything argparse did not know: the job's flags
+    print(dump_spec(spec_from_job_arguments(args.kind, args.flags, "idiff spec --from-flags")), end="")
     return 0
+
+
+def spec_from_job_arguments(kind: str, words: list[str], prog: str):
+    """The spec that ``idiff KIND WORDS...`` would run."""
+    sub = argparse.ArgumentParser(prog=f"{prog} {kind}")
+    _add_run_command(sub.add_subparsers(dest="command"), kind)
+    return build_spec(kind, sub.parse_args([kind, *words]))
 
 
 def _status(args, argv) -> int:
     from .status import print_status
 
     return print_status(args.run_dir)
+
+
+def _srun_prefix(args, argv) -> int:
+    """What slurm/*.sbatch put between `srun` and the job: nothing without resources.container."""
+    import os
+
+    from .launch.container import check_container, srun_options, wrap
+
+    spec = spec_from_job_arguments(args.kind, args.job_args, "idiff srun-prefix")
+    if spec.resources.container is not None:
+        cwd = os.getcwd()
+        check_container(spec, cwd)
+        print("\n".join([*srun_options(spec, cwd), *wrap(spec, ["idiff"], cwd)]))  # no newline in any word
+    return 0
 
 
 def _collect(args, argv) -> int:
@@ -157,6 +177,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="step, checkpoints, last loss and job history of a run")
     p.add_argument("run_dir")
     p.set_defaults(handler=_status)
+    p = sub.add_parser("srun-prefix", help="for slurm/*.sbatch: the container command of a job, one word a line",
+                       description="Print the words that run KIND SPEC [OPTIONS] in the spec's resources.container "
+                                   "under srun (nothing without a container).")
+    p.add_argument("kind", choices=RUN_KINDS)
+    p.set_defaults(handler=_srun_prefix)
     p = sub.add_parser("collect", help="merge sample shards (same as idiff-collect)", add_help=False)
     p.set_defaults(handler=_collect)
     from .data.cli import register as register_data
@@ -165,6 +190,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@guarded("idiff")
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
@@ -173,12 +199,11 @@ def main(argv=None) -> int:
         if not (args.docs or args.schema or args.kind):
             parser.error("spec: pass --from-flags KIND FLAGS..., --docs or --schema")
         args.flags = extra
+    elif args.command == "srun-prefix":
+        args.job_args = extra
     elif extra and args.command not in ("collect", "data"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.handler(args, argv) if args.command != "data" else args.func(args)
-    except (UserError, RunFailed) as err:
-        return report(err)
+    return args.handler(args, argv) if args.command != "data" else args.func(args)
 
 
 if __name__ == "__main__":

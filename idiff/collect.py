@@ -4,9 +4,16 @@ The output holds ``arr_0.npy`` (uint8 [N, H, W, 3]) and, for class-conditional s
 (int64 labels), as stored (uncompressed) zip members with version 1.0 .npy headers: what
 ``numpy.load`` reads, and what evaluators that stream ``arr_0`` straight from the zip member expect.
 Every shard's headers are checked before anything is written; then one shard at a time is copied.
+
+Shards are untrusted files: an array is read only after its .npy header was checked against the bytes
+the archive holds for it (a header cannot make idiff allocate more than the file can contain), and a
+shard written by idiff records its index range (``index_range``), so one copied under another range's
+name is refused instead of merged twice.
 """
 
 import argparse
+import io
+import math
 import os
 import re
 import sys
@@ -20,10 +27,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import storage
-from .errors import UserError, report
+from .errors import UserError, guarded, report
 from .visualize import image_grid
 
-_SHARD = re.compile(r"^shard-(\d{8})-(\d{8})\.npz$")
+_SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
+RANGE_MEMBER = "index_range"  # [start, end) of the indices a shard holds, written with its arrays
+# Deflate cannot expand data more than about 1032-fold: a zip member claiming more is lying about its size.
+MAX_DEFLATE_RATIO = 1032
 PREVIEW_IMAGES = 64
 # A fixed member timestamp makes the output a function of the shards alone: equal inputs, equal bytes.
 _MEMBER_TIME = (1980, 1, 1, 0, 0, 0)
@@ -54,7 +64,7 @@ def scan_shards(folder) -> list[Shard]:
     if not storage.isdir(folder):
         return []
     shards = [Shard(int(m.group(1)), int(m.group(2)), storage.join(folder, name))
-              for name in storage.listdir(folder) if (m := _SHARD.match(name))]
+              for name in storage.listdir(folder) if (m := _SHARD.fullmatch(name))]
     return sorted(shards, key=lambda s: (s.start, s.end))
 
 
@@ -67,36 +77,102 @@ def _open_for_reading(path):
     return bf.BlobFile(path, "rb") if storage.is_remote(path) else open(path, "rb")
 
 
-def read_npz(path) -> dict[str, np.ndarray]:
-    """Every array of an .npz; a damaged file is a UserError naming it."""
+def read_npz(path, names=None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (only ``names``, when given); a damaged file is a UserError naming it.
+
+    Every header is checked first (``npz_headers``), so what is allocated is what the file holds.
+    """
+    npz_headers(path)
     try:
         with _open_for_reading(str(path)) as f:
             data = np.load(f)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("a single array (.npy), not an .npz archive")
             with data:
-                return {name: data[name] for name in data.files}
+                return {name: data[name] for name in data.files if names is None or name in names}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise _unreadable(path, err) from None
 
 
 def npz_headers(path) -> dict[str, ArrayHeader]:
-    """Shape and dtype of each array in an .npz, from the .npy headers alone (no data is read)."""
+    """Shape and dtype of each array in an .npz, from the .npy headers alone (no data is read).
+
+    A header whose shape needs more bytes than its zip member holds, or a member claiming more bytes than
+    the archive could expand to, is a UserError: reading it would allocate what the header claims.
+    """
     headers = {}
     try:
-        with _open_for_reading(str(path)) as f, zipfile.ZipFile(f) as archive:
-            for member in archive.namelist():
-                if not member.endswith(".npy"):
-                    continue
-                with archive.open(member) as npy:
-                    version = np.lib.format.read_magic(npy)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                        else np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read_header(npy)
-                headers[member.removesuffix(".npy")] = ArrayHeader(tuple(shape), dtype)
+        with _open_for_reading(str(path)) as f:
+            archive_size = f.seek(0, os.SEEK_END)
+            with zipfile.ZipFile(f) as archive:
+                for info in archive.infolist():
+                    if not info.filename.endswith(".npy"):
+                        continue
+                    name = info.filename.removesuffix(".npy")
+                    _check_member_size(path, info, archive_size)
+                    with archive.open(info) as npy:
+                        version = np.lib.format.read_magic(npy)
+                        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                            else np.lib.format.read_array_header_2_0
+                        shape, _, dtype = read_header(npy)
+                        held = info.file_size - npy.tell()
+                    if dtype.hasobject:
+                        raise UserError(f"{path}: {name} holds Python objects, not numbers")
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared != held:
+                        raise UserError(f"{path}: {name}'s header declares {dtype} {list(shape)} ({declared} bytes), "
+                                        f"but the file holds {held} bytes for it")
+                    headers[name] = ArrayHeader(tuple(shape), dtype)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise _unreadable(path, err) from None
     return headers
+
+
+def _check_member_size(path, info: zipfile.ZipInfo, archive_size: int) -> None:
+    stored = info.compress_type == zipfile.ZIP_STORED
+    possible = info.compress_size if stored else MAX_DEFLATE_RATIO * info.compress_size + (1 << 10)
+    if info.compress_size > archive_size or info.file_size > possible:
+        raise UserError(f"{path}: member {info.filename} claims {info.file_size} bytes, more than the "
+                        f"{archive_size}-byte archive can hold")
+
+
+def write_shard(folder, start: int, end: int, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` and the index range they hold, as ``shard-START-END.npz`` in ``folder``, written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{RANGE_MEMBER: np.array([start, end], dtype=np.int64)})
+    storage.atomic_write_bytes(storage.join(folder, shard_name(start, end)), buffer.getvalue())
+
+
+def shard_problem(shard: Shard, expected: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """Why ``shard`` does not count as done for a job that writes ``expected`` ({array: (shape, dtype)}):
+    unreadable, corrupt, other arrays, or another index range inside than its name says; None when it counts.
+
+    The headers are compared with ``expected`` before any array is read; then all of it is read, which
+    checks every member's CRC.
+    """
+    expected = {name: (tuple(shape), np.dtype(dtype)) for name, (shape, dtype) in expected.items()}
+    expected[RANGE_MEMBER] = ((2,), np.dtype(np.int64))
+    try:
+        found = {name: (header.shape, header.dtype) for name, header in npz_headers(shard.path).items()}
+        if found != expected:
+            return f"holds {_layout(found)}, expected {_layout(expected)}"
+        read_npz(shard.path)
+        return _range_problem(shard)
+    except UserError as err:
+        return str(err)
+
+
+def _layout(arrays) -> str:
+    return ", ".join(f"{name} {dtype} {list(shape)}" for name, (shape, dtype) in sorted(arrays.items())) or "no arrays"
+
+
+def _range_problem(shard: Shard) -> str | None:
+    """Whether the index range recorded inside ``shard`` (its header already checked) is the one its name says."""
+    start, end = (int(v) for v in read_npz(shard.path, [RANGE_MEMBER])[RANGE_MEMBER])
+    if (start, end) != (shard.start, shard.end):
+        return (f"holds indices [{start}, {end}), but its name says [{shard.start}, {shard.end}): "
+                f"copied under another name?")
+    return None
 
 
 def _check_ranges(shards: list[Shard], allow_partial: bool) -> list[tuple[int, int]]:
@@ -146,6 +222,13 @@ def _check_headers(shards: list[Shard]) -> tuple[tuple[int, int, int], bool]:
         if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
             raise UserError(f"{shard.path}: labels are {labels.dtype} {list(labels.shape)}, "
                             f"expected one integer per image")
+        recorded = headers.get(RANGE_MEMBER)  # absent in shards that other tools (or older idiffs) wrote
+        if recorded is not None:
+            if recorded.shape != (2,) or recorded.dtype.kind not in "iu":
+                raise UserError(f"{shard.path}: {RANGE_MEMBER} is {recorded.dtype} {list(recorded.shape)}, "
+                                f"expected [start, end]")
+            if problem := _range_problem(shard):
+                raise UserError(f"{shard.path}: {problem}")
     return image_shape, has_labels
 
 
@@ -153,7 +236,8 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     """Merge the shards under ``source`` (a run dir or its samples/ folder) into one .npz; returns its path.
 
     The default output is ``samples_NxHxWx3.npz`` in ``output_dir`` (else ``source``), next to a
-    ``grid.png`` of the first images.
+    ``grid.png`` of the first images; a named output ``x.npz`` gets ``x_grid.png``. Neither file is
+    replaced without ``force``.
     """
     source = str(source)
     folder = storage.join(source, "samples") if storage.isdir(storage.join(source, "samples")) else source
@@ -165,9 +249,13 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     count = sum(s.end - s.start for s in shards)
     if output is None:
         output = storage.join(output_dir or source, "samples_{}x{}x{}x{}.npz".format(count, *image_shape))
-    output = str(output)
-    if storage.exists(output) and not force:
-        raise UserError(f"{output} exists; pass --force to replace it")
+        grid = storage.join(bf.dirname(output), "grid.png")
+    else:
+        output = str(output)
+        grid = f"{output.removesuffix('.npz')}_grid.png"
+    for path in (output, grid):
+        if storage.exists(path) and not force:
+            raise UserError(f"{path} exists; pass --force to replace it")
 
     remote = storage.is_remote(output)
     folder_out = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(output))
@@ -186,7 +274,7 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    image_grid(preview, storage.join(bf.dirname(output), "grid.png"))
+    image_grid(preview, grid)
     if gaps:
         print(f"idiff-collect: partial output: {count} images, indices {_ranges(gaps)} missing", file=sys.stderr)
     return output
@@ -217,7 +305,7 @@ def _copy_images(shard, member, num_first):
 
     A function of its own, so that one shard's arrays are freed before the next one is read.
     """
-    arrays = read_npz(shard.path)
+    arrays = read_npz(shard.path, ["arr_0", "arr_1"])
     images = arrays["arr_0"]
     member.write(np.ascontiguousarray(images).reshape(-1).data)
     labels = arrays["arr_1"].astype(np.int64) if "arr_1" in arrays else None
@@ -230,9 +318,11 @@ def _member(name) -> zipfile.ZipInfo:
     return info
 
 
+@guarded("idiff-collect")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="idiff-collect", description="Merge sample shards into one .npz in index order (and a grid.png).")
+        prog="idiff-collect", description="Merge sample shards into one .npz in index order, with a preview grid "
+                                          "beside it (grid.png; NAME_grid.png for -o NAME.npz).")
     parser.add_argument("source", help="a sample run dir, or a folder of shard-*.npz files")
     parser.add_argument("-o", "--output", help="output .npz (default: samples_NxHxWx3.npz in SOURCE)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")

@@ -20,12 +20,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .collect import npz_headers, read_npz, scan_shards, shard_name
+from .collect import npz_headers, read_npz, scan_shards, write_shard
 from .data import ImageDataset, list_image_files
 from .errors import UserError
 from .launch.env import RankEnv
 from .launch.signals import any_rank
-from .sample import missing_parts, rank_ranges
+from .sample import complete_ranges, missing_parts, rank_ranges
 
 FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": "prc"}
 # torch-fidelity defaults precision/recall to VGG16 features; Inception's pool features (as in the
@@ -87,7 +87,8 @@ def _prepare_nll(spec, env) -> _NllSetup:
 
 def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
     parts_dir = storage.join(run_dir.eval, "nll_parts")
-    covered = [(p.start, p.end) for p in scan_shards(parts_dir)]
+    part_arrays = _nll_part_arrays(setup.diffusion.num_timesteps)
+    covered = complete_ranges(parts_dir, part_arrays, env)
     todo = [part for a, b in rank_ranges(setup.num, e.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
     show = env.is_main and sys.stderr.isatty()
@@ -99,9 +100,8 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
             # Per image: the bpd; per timestep: sums over the part's images, so that the merge stays small.
             part = {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
                     **{f"{k}_sum": out[k].sum(axis=0, dtype=np.float64) for k in PER_TIMESTEP_TERMS}}
-            buffer = io.BytesIO()
-            np.savez(buffer, **part)
-            storage.atomic_write_bytes(storage.join(parts_dir, shard_name(start, end)), buffer.getvalue())
+            layout = part_arrays(start, end)
+            write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
             bar.update(end - start)
     if any_rank(hooks.should_suspend()):
         return "preempted"
@@ -110,6 +110,15 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
     if env.is_main:
         _merge_nll(parts_dir, setup.num, run_dir, setup.diffusion.num_timesteps)
     return "completed"
+
+
+def _nll_part_arrays(num_timesteps: int):
+    """(start, end) -> {array: (shape, dtype)} of an NLL part file: what a part must hold to count as done."""
+    def arrays_of(start, end):
+        per_image = {name: ((end - start,), np.float32) for name in ("total_bpd", "prior_bpd")}
+        return {**per_image, **{f"{k}_sum": ((num_timesteps,), np.float64) for k in PER_TIMESTEP_TERMS}}
+
+    return arrays_of
 
 
 def _nll_part(setup: _NllSetup, e, device, start, end, progress: bool) -> dict:
@@ -197,7 +206,7 @@ def find_images(path, what: str) -> ImageSource:
 def load_images(source: ImageSource, size: tuple[int, int]) -> np.ndarray:
     """uint8 NHWC; a folder's images are center-cropped and resized to ``size`` as training images are."""
     if source.is_npz:
-        return read_npz(source.path)["arr_0"]
+        return read_npz(source.path, ["arr_0"])["arr_0"]
     dataset = ImageDataset(source.path, size[0])
     return np.stack([((dataset[i].image.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
                      for i in tqdm(range(len(dataset)), desc=f"reading {source.what}", unit="img",

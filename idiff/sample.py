@@ -7,7 +7,6 @@ same images, up to kernels that round differently for another batch size or thre
 the CPU a rare pixel may then differ by 1).
 """
 
-import io
 import json
 import sys
 
@@ -17,17 +16,26 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .collect import collect, read_npz, scan_shards, shard_name
+from .collect import collect, npz_headers, read_npz, scan_shards, shard_problem, write_shard
 from .diffusion import samplers
 from .errors import UserError
 from .launch.env import RankEnv
-from .precision import autocast
 from .launch.signals import any_rank
+from .precision import autocast
 from .visualize import to_uint8
 
-def draw_images(model, diffusion, indices, *, seed, image_size, use_ddim=False, eta=0.0, clip_denoised=True,
-                labels=None, num_classes=None, low_res=None, precision="fp32", device="cpu", stream=rng.Stream.SAMPLE):
-    """uint8 NHWC images (and labels) for sample ``indices``.
+
+def draw_images(model, diffusion, indices, **kwargs):
+    """uint8 NHWC images (and labels) for sample ``indices``: ``draw_samples`` quantised."""
+    x_0, labels = draw_samples(model, diffusion, indices, **kwargs)
+    return to_uint8(x_0), labels
+
+
+def draw_samples(model, diffusion, indices, *, seed, image_size, sampler="ancestral", sampler_options=None,
+                 clip_denoised=True, labels=None, num_classes=None, low_res=None, precision="fp32", device="cpu",
+                 stream=rng.Stream.SAMPLE):
+    """x_0 in [-1, 1], NCHW, (and labels) for sample ``indices``, drawn by ``samplers.SAMPLERS[sampler]`` with
+    ``sampler_options`` (``eta``; ``steps``, ``spacing``). x_T of an index is the same whatever the sampler.
 
     ``labels``: None (unconditional), a label per index, or "random" (drawn from each sample's own
     generator among ``num_classes``); ``low_res``: the super-resolution model's inputs, per index.
@@ -41,11 +49,10 @@ def draw_images(model, diffusion, indices, *, seed, image_size, use_ddim=False, 
         model_kwargs["y"] = torch.as_tensor(labels, dtype=torch.long, device=device)
     if low_res is not None:
         model_kwargs["low_res"] = low_res.to(device)
-    options = {"eta": eta} if use_ddim else {}
     with torch.inference_mode(), autocast(device, precision):
-        x_0 = samplers.sample("ddim" if use_ddim else "ancestral", diffusion, model, x_t, clip_denoised=clip_denoised,
-                              model_kwargs=model_kwargs, noise_fn=rng.PerSampleNoise(gens), **options)
-    return to_uint8(x_0), (np.asarray(labels, dtype=np.int64) if labels is not None else None)
+        x_0 = samplers.sample(sampler, diffusion, model, x_t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                              noise_fn=rng.PerSampleNoise(gens), **(sampler_options or {}))
+    return x_0, (np.asarray(labels, dtype=np.int64) if labels is not None else None)
 
 
 def rank_ranges(num_samples: int, global_batch: int, rank: int, world_size: int):
@@ -87,7 +94,11 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
     then collects them. Inputs are checked before the run dir is taken: a bad spec writes nothing."""
     s = spec.sample
     source = weights.resolve(spec, s)
-    model, diffusion = source.build(env.device, timestep_respacing=s.timestep_respacing)
+    if s.steps and s.steps > source.flags["diffusion_steps"]:
+        raise UserError(f"sample.steps: {s.steps} is more than the model's diffusion_steps "
+                        f"({source.flags['diffusion_steps']})")
+    model, diffusion = source.build(env.device, timestep_respacing=s.chain_respacing)
+    _check_chain_length(s, diffusion.num_timesteps)
     flags = source.flags
     super_res = flags.get("large_size") is not None
     image_size = flags["large_size"] if super_res else flags["image_size"]
@@ -99,7 +110,14 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
     run_dir = hooks.begin()
     if source.classes and env.is_main:  # the names of the labels in arr_1, from the training run
         storage.atomic_write_text(run_dir / "classes.json", json.dumps(source.classes, indent=1))
-    covered = [(shard.start, shard.end) for shard in scan_shards(run_dir.samples)]
+
+    def shard_arrays(start, end):
+        arrays = {"arr_0": ((end - start, image_size, image_size, 3), np.uint8)}
+        if class_cond:
+            arrays["arr_1"] = ((end - start,), np.int64)
+        return arrays
+
+    covered = complete_ranges(run_dir.samples, shard_arrays, env)
     todo = [part for a, b in rank_ranges(s.num_samples, s.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
     if env.is_main:
@@ -117,9 +135,10 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
             if class_cond:
                 labels = base["arr_1"][start:end].tolist()
         images, labels = draw_images(model, diffusion, indices, seed=s.seed, image_size=image_size,
-                                     use_ddim=s.use_ddim, eta=s.eta, clip_denoised=s.clip_denoised, labels=labels,
-                                     num_classes=num_classes, low_res=low_res, precision=s.precision, device=env.device)
-        _write_shard(run_dir.samples, start, end, images, labels)
+                                     sampler=s.sampler_name, sampler_options=s.sampler_options,
+                                     clip_denoised=s.clip_denoised, labels=labels, num_classes=num_classes,
+                                     low_res=low_res, precision=s.precision, device=env.device)
+        write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:
@@ -128,6 +147,38 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
         out = collect(run_dir.samples, output_dir=run_dir.path, force=True)
         print(f"idiff: wrote {out}", file=sys.stderr, flush=True)
     return "completed"
+
+
+def complete_ranges(folder, arrays_of, env: RankEnv) -> list[tuple[int, int]]:
+    """Index ranges of the shards in ``folder`` that hold what ``arrays_of(start, end)`` says a shard of the
+    job holds ({array: (shape, dtype)}), decided by rank 0 for all ranks. A shard that does not count
+    (corrupt, of another job, copied under another range's name) is moved aside as ``NAME.rejected``,
+    so that its range is drawn again."""
+    ranges = None
+    if env.is_main:
+        ranges = []
+        for shard in scan_shards(folder):
+            problem = shard_problem(shard, arrays_of(shard.start, shard.end))
+            if problem is None:
+                ranges.append((shard.start, shard.end))
+                continue
+            storage.move(shard.path, f"{shard.path}.rejected")
+            print(f"idiff: {shard.path} does not count ({problem}); moved aside to {shard.name}.rejected, its "
+                  f"indices are drawn again", file=sys.stderr, flush=True)
+    if env.world_size > 1:
+        box = [ranges]
+        dist.broadcast_object_list(box, src=0)
+        ranges = box[0]
+    return ranges
+
+
+def _check_chain_length(s, chain_length) -> None:
+    """Without ``steps`` an ODE solver evaluates the model once per step of the chain: enough for its order?"""
+    needed = samplers.MIN_STEPS[s.sampler_name]
+    if s.steps is None and chain_length < needed:
+        field = "sample.timestep_respacing" if s.timestep_respacing else "diffusion.diffusion_steps"
+        raise UserError(f"{field}: the chain has {chain_length} steps, but {s.sampler_name} needs at least {needed} "
+                        f"to take one step of its order")
 
 
 def _check_class_labels(class_labels, class_cond, num_classes) -> None:
@@ -150,25 +201,18 @@ def _base_samples(s, small_size, class_cond) -> dict | None:
         raise UserError("a super-resolution model needs sample.base_samples (an .npz of low-res images)")
     if not storage.exists(s.base_samples):
         raise UserError(f"sample.base_samples: {s.base_samples} does not exist")
-    base = read_npz(s.base_samples)
-    images = base.get("arr_0")
+    headers = npz_headers(s.base_samples)  # checked before anything is read: the file is untrusted
+    images, labels = headers.get("arr_0"), headers.get("arr_1")
     expected = (small_size, small_size, 3)
-    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+    if images is None or images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[1:] != expected:
         got = "no arr_0" if images is None else f"arr_0 {images.dtype} {list(images.shape)}"
         raise UserError(f"sample.base_samples: {s.base_samples} holds {got}; the model takes uint8 "
                         f"[N, {small_size}, {small_size}, 3] (model.small_size={small_size})")
-    if len(images) < s.num_samples:
-        raise UserError(f"sample.base_samples holds {len(images)} images, fewer than num_samples={s.num_samples}")
-    if class_cond and ("arr_1" not in base or len(base["arr_1"]) < s.num_samples):
+    if images.shape[0] < s.num_samples:
+        raise UserError(f"sample.base_samples holds {images.shape[0]} images, fewer than "
+                        f"num_samples={s.num_samples}")
+    if class_cond and (labels is None or len(labels.shape) != 1 or labels.shape[0] < s.num_samples
+                       or labels.dtype.kind not in "iu"):
         raise UserError(f"{s.base_samples} has no label (arr_1) for each image, which a class-conditional "
                         f"upsampler needs")
-    return base
-
-
-def _write_shard(folder, start, end, images, labels):
-    arrays = {"arr_0": images}
-    if labels is not None:
-        arrays["arr_1"] = labels
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    storage.atomic_write_bytes(storage.join(folder, shard_name(start, end)), buffer.getvalue())
+    return read_npz(s.base_samples, ["arr_0", "arr_1"])

@@ -44,7 +44,9 @@ def print_status(path) -> int:
     rows = MetricsLog(run.path).rows()
     if rows:
         last = rows[-1]
-        print(f"last log: step {last['step']}, {last['images_seen']} images seen, loss {last.get('loss', float('nan')):.5f}")
+        loss = last.get("loss")
+        loss = f"{loss:.5f}" if isinstance(loss, (int, float)) else "?"
+        print(f"last log: step {last['step']}, {last.get('images_seen', '?')} images seen, loss {loss}")
     history = run.history()
     if history:
         print("job history:")

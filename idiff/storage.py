@@ -2,11 +2,17 @@
 
 import hashlib
 import io
+import json
 import os
+import re
+import shutil
 import uuid
+import warnings
 
 import blobfile as bf
 import torch
+
+from .errors import UserError
 
 
 def is_remote(path) -> bool:
@@ -31,6 +37,43 @@ def makedirs(path) -> None:
 def remove(path) -> None:
     if bf.exists(path):
         bf.remove(path)
+
+
+# The temporary name atomic_write_bytes gives a file while it is being written.
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def unsafe_name_reason(name) -> str | None:
+    """Why ``name``, read from inside a file, cannot be a file name in a folder; None when it can."""
+    if not isinstance(name, str) or not name:
+        return "empty or not a string"
+    if name in (".", ".."):
+        return "it names a folder, not a file in it"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it contains a control character"
+    return None
+
+
+def checked_name(name, source: str) -> str:
+    """``name`` if it is a plain file name; else a UserError naming ``source`` (the file it came from) and the name."""
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise UserError(f"{source}: {name!r} cannot be used as a file name ({reason})")
+    return name
+
+
+def free_space(path) -> str:
+    """The free space of the file system holding ``path`` (or its nearest existing parent), for messages."""
+    path = os.path.abspath(str(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown free space"
+    return f"{free / 2**20:.1f} MiB free"
 
 
 def atomic_write_bytes(path, data: bytes) -> dict:
@@ -67,6 +110,15 @@ def atomic_write_text(path, text: str) -> dict:
     return atomic_write_bytes(path, text.encode())
 
 
+def move(src, dst) -> None:
+    """Rename ``src`` to ``dst`` (replacing it); blob stores copy, then remove."""
+    if is_remote(src):
+        bf.copy(str(src), str(dst), overwrite=True)
+        bf.remove(str(src))
+    else:
+        os.replace(src, dst)
+
+
 def append_text(path, text: str) -> None:
     """Append to a log file; blob stores cannot append, so there the (small) file is rewritten."""
     if is_remote(path):
@@ -75,6 +127,68 @@ def append_text(path, text: str) -> None:
     else:
         with open(path, "a") as f:
             f.write(text)
+
+
+def read_first_line(path) -> str:
+    with bf.BlobFile(str(path), "r") as f:
+        return f.readline()
+
+
+def read_jsonl(path, is_valid) -> list[dict]:
+    """The records of a JSON-lines file that ``is_valid`` accepts; torn or garbage lines are skipped, with one
+    warning that counts them (a crash can leave half a line, and a run dir is untrusted input)."""
+    if not exists(path):
+        return []
+    records, bad = [], 0
+    for line in read_text(path).splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and is_valid(record):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+    return records
+
+
+def drop_trailing_lines(path, keep) -> None:
+    """Remove the lines at the end of a text file back to the last one that ``keep(line)`` accepts. A local
+    file is read backwards, so the cost grows with what is removed, not with the file."""
+    if is_remote(path):
+        if bf.exists(path):
+            lines = bf.read_text(path).splitlines(keepends=True)
+            kept = len(lines)
+            while kept and not keep(lines[kept - 1]):
+                kept -= 1
+            if kept < len(lines):
+                bf.write_text(path, "".join(lines[:kept]))
+        return
+    if not os.path.exists(path):
+        return
+    with open(path, "r+b") as f:
+        cut = f.seek(0, os.SEEK_END)  # everything from here on is removed
+        buffer, buffer_start = b"", cut  # the bytes [buffer_start, cut)
+        while cut > 0:
+            newline = buffer.rfind(b"\n", 0, len(buffer) - 1 if buffer.endswith(b"\n") else len(buffer))
+            if newline < 0 and buffer_start > 0:
+                size = min(1 << 16, buffer_start)
+                f.seek(buffer_start - size)
+                buffer, buffer_start = f.read(size) + buffer, buffer_start - size
+                continue
+            line = buffer[newline + 1:]
+            if keep(line.decode(errors="replace")):
+                if not line.endswith(b"\n"):  # a kept line cut before its end of line: the next append needs one
+                    f.seek(cut)
+                    f.write(b"\n")
+                    cut += 1
+                break
+            buffer, cut = buffer[:newline + 1], buffer_start + newline + 1
+        f.truncate(cut)
 
 
 def torch_bytes(obj) -> bytes:

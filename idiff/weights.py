@@ -3,9 +3,12 @@
 import json
 from dataclasses import dataclass
 
+import torch
+
 from . import storage
-from .errors import UserError
+from .errors import UserError, brief
 from .factory import create_any_model_and_diffusion
+from .jobs.spec import check_respacing
 from .models import ArchitectureMismatch
 from .run_dir import RunDir
 from .train.checkpoint import CheckpointStore, checkpoint_files
@@ -16,26 +19,49 @@ class Weights:
     flags: dict  # create_model_and_diffusion keyword arguments
     path: str
     classes: list[str] | None = None  # class names, index = label, when known
+    field: str = "model_path"  # the spec field that chose these weights, for messages
 
     def build(self, device, timestep_respacing=None):
         """(model in eval mode with these weights, diffusion with the given respacing)."""
         flags = dict(self.flags)
         if timestep_respacing is not None:
+            try:  # a spec's own diffusion_steps were checked with it; a training run's are known only now
+                check_respacing(timestep_respacing, flags["diffusion_steps"],
+                                f"{self.field.split('.')[0]}.timestep_respacing")
+            except ValueError as err:
+                raise UserError(str(err)) from None
             flags["timestep_respacing"] = timestep_respacing
         model, diffusion = create_any_model_and_diffusion(flags)
-        try:
-            model.load_state_dict(storage.load_torch(self.path))
-        except ArchitectureMismatch as err:
-            raise UserError(f"{self.path}: {err}") from None
+        load_weights(model, self.path, self.field)
         return model.to(device).eval(), diffusion
+
+
+def load_weights(model, path, field: str) -> None:
+    """Load the weights file ``path`` (which the spec's ``field`` names) into ``model``.
+
+    A weights file is untrusted: it is read with weights_only=True, which refuses pickled code, and a file
+    that is truncated, corrupt, of another kind or of another architecture is the user's error.
+    """
+    if not storage.exists(path):
+        raise UserError(f"{field}: {path} does not exist")
+    try:
+        state = storage.load_torch(path)
+    except Exception as err:  # torch's readers raise whatever the malformed bytes lead them to
+        raise UserError(f"{field}: {path} cannot be loaded as a checkpoint: it is truncated, corrupt, not a PyTorch "
+                        f"file, or holds pickled objects besides tensors, which idiff refuses "
+                        f"({type(err).__name__})") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{field}: {path} holds a {type(state).__name__}, not a plain state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except ArchitectureMismatch as err:
+        raise UserError(f"{field}: {path}: {err}") from None
 
 
 def resolve(spec, source) -> Weights:
     """``source`` is the job's ModelSource section (sample or evaluate)."""
     if source.model_path:
-        if not storage.exists(source.model_path):
-            raise UserError(f"model_path: {source.model_path} does not exist")
-        return Weights(spec.model_flags(), source.model_path)
+        return Weights(spec.model_flags(), source.model_path, field=f"{spec.kind}.model_path")
 
     from .jobs.io import parse_spec
 
@@ -65,6 +91,17 @@ def resolve(spec, source) -> Weights:
     flags = train_spec.model_flags()
     if getattr(spec, "diffusion", None) is not None:
         flags.update(spec.diffusion.model_dump())
-    classes_path = run / "classes.json"
-    classes = json.loads(storage.read_text(classes_path)) if storage.exists(classes_path) else None
-    return Weights(flags, store.path(name), classes)
+    return Weights(flags, store.path(name), _class_names(run / "classes.json"), field=f"{spec.kind}.from_run")
+
+
+def _class_names(path) -> list[str] | None:
+    """The label names a training run saved, or None without them."""
+    if not storage.exists(path):
+        return None
+    try:
+        names = json.loads(storage.read_bytes(path))
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise UserError(f"from_run: {path} is not readable JSON ({brief(str(err))})") from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise UserError(f"from_run: {path} is not a list of class names")
+    return names

@@ -1,9 +1,11 @@
 """Shared fixtures: a tiny synthetic dataset, tiny specs, and running the real ``idiff`` command."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,29 @@ def require_service(problem: str | None) -> None:
     if IN_CI:
         pytest.fail(f"CI=true, so this must be available: {problem}", pytrace=False)
     pytest.skip(problem)
+
+
+TEST_IMAGE = os.environ.get("IDIFF_TEST_IMAGE", "idiff")  # .ci/run builds idiff:ci and names it here
+
+
+def docker_problem() -> str | None:
+    """Why the image of docker/Dockerfile cannot be run here (the daemon named by DOCKER_HOST, or the
+    default one), or None."""
+    if shutil.which("docker") is None:
+        return "docker not found: no Docker here (.ci/docker.sh installs and starts one)"
+    try:
+        daemon = subprocess.run(["docker", "version", "-f", "{{.Server.Version}}"], capture_output=True, text=True,
+                                timeout=60)
+        if daemon.returncode != 0:
+            return f"no Docker daemon answers (DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unset')}): " \
+                   f"{daemon.stderr.strip()[:200]}"
+        image = subprocess.run(["docker", "image", "inspect", TEST_IMAGE], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "the Docker daemon did not answer within 60 s"
+    if image.returncode != 0:
+        return (f"image {TEST_IMAGE} not found: docker build -f docker/Dockerfile -t {TEST_IMAGE} . "
+                "(or name another in IDIFF_TEST_IMAGE)")
+    return None
 
 
 SLURM_NODES = ("n1", "n2")
@@ -161,6 +186,21 @@ def final_files(run_dir, step, rates=("0.9", "0.99")):
     folder = Path(run_dir) / "checkpoints"
     names = [f"model{step:06d}.pt", f"opt{step:06d}.pt", *[f"ema_{r}_{step:06d}.pt" for r in rates]]
     return {name: load(folder / name) for name in names}
+
+
+def wait_for_step(run_dir, step: int, timeout=120) -> None:
+    """Until the run's log.jsonl has reached ``step`` (a line still being written is read again)."""
+    deadline = time.monotonic() + timeout
+    log = Path(run_dir) / "log.jsonl"
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        try:
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        except json.JSONDecodeError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} never reached step {step}")
 
 
 def copy_run(src, dst):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..launch.signals import held_from_new_processes, worker_leaves_preemption_to_parent
 from ..rng import Stream, derive_seed
 from .reader import DataError, Example, ImageDataset, warn_upscaled
 
@@ -135,7 +136,8 @@ class ShardedLoader:
     def __iter__(self):
         if self._batches is None:
             self.sampler.start = self.position
-            self._batches = iter(self._data_loader())
+            with held_from_new_processes():  # the workers start here
+                self._batches = iter(self._data_loader())
         return self
 
     def __next__(self) -> Batch:
@@ -158,7 +160,7 @@ class ShardedLoader:
         return torch.utils.data.DataLoader(
             StreamReader(self.dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=self.prefetch_factor if workers else None,
+            prefetch_factor=self.prefetch_factor if workers else None, worker_init_fn=worker_leaves_preemption_to_parent,
             # Workers draw nothing at random; an own generator only keeps the global torch RNG
             # untouched, which bit-exact resume needs.
             generator=torch.Generator().manual_seed(self.seed))

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..rng import Stream, derive_seed
-from ..storage import is_remote
+from ..storage import checked_name, is_remote
 from .reader import DECODE_ERRORS, DataError, center_crop, is_image_name
 
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -78,6 +78,36 @@ def _cifar_member(tar: tarfile.TarFile, src: str, name: str) -> dict:
         raise DataError(f"cannot read {name} in {src}: {e}") from None
 
 
+def _cifar_class_names(meta, src: str) -> list[str]:
+    """The label names of batches.meta, each checked before it becomes part of a file name."""
+    where = f"batches.meta in {src}"
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{where} has no list of label_names")
+    for name in names:
+        checked_name(name, where)
+        if "_" in name:
+            raise DataError(f"{where}: label name {name!r} contains '_', which would cut its label short")
+    return names
+
+
+def _cifar_batch(batch, where: str, num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """NHWC uint8 images and labels of one batch, checked: 3072 values per row, one label in range per row."""
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{where}: data is {got}, expected uint8 [N, 3072] (32x32 RGB rows)")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else f"labels of type {type(labels).__name__}"
+        raise DataError(f"{where}: {got} for {len(data)} images, expected one label per image")
+    wrong = next((label for label in labels if not (isinstance(label, int) and 0 <= label < num_classes)), None)
+    if wrong is not None:
+        raise DataError(f"{where}: label {wrong!r} is not one of the {num_classes} classes of batches.meta")
+    # Rows are 1024 red, then 1024 green, then 1024 blue values of a 32x32 image.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
 def cifar10(src: str, out: str, split: str = "train") -> int:
     """The python-pickle tarball as ``<class>_<index within split>.png`` files; returns the count."""
     try:
@@ -85,13 +115,12 @@ def cifar10(src: str, out: str, split: str = "train") -> int:
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"cannot open the CIFAR-10 tarball {src}: {e}") from None
     with tar, staged_output(out) as staging:
-        class_names = _cifar_member(tar, src, "batches.meta")["label_names"]
+        class_names = _cifar_class_names(_cifar_member(tar, src, "batches.meta"), src)
         count = 0
         for batch_name in CIFAR_BATCHES[split]:
-            batch = _cifar_member(tar, src, batch_name)
-            # Rows are 1024 red, then 1024 green, then 1024 blue values of a 32x32 image.
-            images = batch["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            for image, label in tqdm(zip(images, batch["labels"]), total=len(images), desc=batch_name, unit="img"):
+            images, labels = _cifar_batch(_cifar_member(tar, src, batch_name), f"{batch_name} in {src}",
+                                          len(class_names))
+            for image, label in tqdm(zip(images, labels), total=len(images), desc=batch_name, unit="img"):
                 save_png(image, staging, f"{class_names[label]}_{count:05d}.png")
                 count += 1
     return count
@@ -124,7 +153,7 @@ def lsun_prefix(src: str) -> str:
 def lsun(src: str, out: str, image_size: int = 256, limit: int | None = None, prefix: str | None = None) -> int:
     """An LSUN category LMDB (webp/jpeg values) as ``<prefix>_<index:07d>.png`` squares; returns the count."""
     lmdb = _import_lmdb()
-    prefix = prefix or lsun_prefix(src)
+    prefix = checked_name(prefix, "--prefix") if prefix else checked_name(lsun_prefix(src), f"the folder name of {src}")
     if "_" in prefix:
         raise DataError(f"prefix {prefix!r} contains '_': the label is what comes before the first '_'")
     try:
@@ -158,11 +187,13 @@ def imagenet_plan(src: str) -> list[tuple[str, str]]:
         raise DataError(f"{src} has no class folders: expected one folder per synset, e.g. {src}/n01440764")
     plan = []
     for synset in synsets:
+        checked_name(synset, f"class folder in {src}")
         if "_" in synset:
             raise DataError(f"class folder {synset!r} in {src} contains '_', which would cut its label short")
         folder = os.path.join(src, synset)
         for name in sorted(os.listdir(folder)):
             if is_image_name(name):
+                checked_name(name, folder)
                 # Train files are already named n01440764_10026.JPEG; others get the synset in front.
                 plan.append((os.path.join(folder, name), name if name.startswith(f"{synset}_") else f"{synset}_{name}"))
     if not plan:

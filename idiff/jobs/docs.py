@@ -4,11 +4,13 @@ import typing
 
 from pydantic import BaseModel
 
-from .spec import DiffusionSection, EvaluateSection, ModelSection, Resources, SampleSection, TrainSection
+from .spec import (ContainerSection, DiffusionSection, EvaluateSection, ModelSection, Resources, SampleSection,
+                   TrainSection)
 
 SECTIONS = [
     ("model", ModelSection), ("diffusion", DiffusionSection), ("train", TrainSection),
     ("sample", SampleSection), ("evaluate", EvaluateSection), ("resources", Resources),
+    ("resources.container", ContainerSection),
 ]
 
 
@@ -18,6 +20,10 @@ def _type_name(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(annotation))
     args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
     if args and typing.get_origin(annotation) is not list:
         return " \\| ".join(_type_name(a) for a in args)
     if annotation is type(None):

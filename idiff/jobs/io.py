@@ -1,8 +1,14 @@
-"""Reading job specs from YAML, ``--set`` overrides, and error messages that name the field and line."""
+"""Reading job specs from YAML, ``--set`` overrides, and error messages that name the field and line.
+
+Specs are untrusted input: a file is read only up to MAX_SPEC_BYTES, and its YAML is refused before it
+is built when it would expand (through aliases) beyond MAX_SPEC_NODES nodes or nest deeper than
+MAX_SPEC_DEPTH; messages quote what was given only cut short.
+"""
 
 import difflib
 import typing
 
+import blobfile as bf
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -10,11 +16,15 @@ import datetime
 import os
 
 from .. import storage
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..run_dir import RunDir
 from .spec import KINDS, Job, JobSpec
 
 _ADAPTER = TypeAdapter(JobSpec)
+MAX_SPEC_BYTES = 1 << 20  # the paper's specs are about 1 kB
+MAX_SPEC_NODES = 100_000  # values after alias expansion
+MAX_SPEC_DEPTH = 20
+MAX_LISTED_ERRORS = 10
 
 
 class SpecError(UserError):
@@ -32,17 +42,76 @@ def read_spec_data(path) -> tuple[dict, str]:
     path = str(path)
     if not storage.exists(path):
         raise SpecError(f"{path}: no such spec file")
-    text = storage.read_text(path)
+    if storage.isdir(path):
+        raise SpecError(f"{path}: a folder, not a spec file")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = getattr(err, "problem", None) or str(err)
-        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+        with bf.BlobFile(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the spec ({err.strerror or err})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES // 1024} KiB; a job spec is a small YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not a text file (byte {err.start} is not UTF-8); a job spec is YAML") from None
+    data = safe_load_bounded(text, path)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: a job spec is a YAML mapping with at least 'kind' and 'name'")
     return data, text
+
+
+def safe_load_bounded(text: str, source: str):
+    """``yaml.safe_load(text)``, refused (SpecError naming ``source`` and the line) when not YAML, or when
+    building it would take more than MAX_SPEC_NODES values or MAX_SPEC_DEPTH levels."""
+    try:
+        _check_size(text, source)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+
+
+def _check_size(text: str, source: str) -> None:
+    """Count the values that loading ``text`` makes, aliases expanded, from the parser's events alone
+    (linear in the text, no recursion), so that an alias bomb is refused before anything is built."""
+    expanded = {}  # anchor -> values it stands for
+    open_collections = []  # [anchor, values so far] of the collections being read
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_collections.pop()
+            if anchor is not None:
+                expanded[anchor] = count
+            if open_collections:
+                open_collections[-1][1] += count
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise SpecError(f"{source}:{event.start_mark.line + 1}: alias *{brief(event.anchor)} refers to a "
+                                f"value that contains it; a job spec cannot be recursive")
+            added = expanded.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            added = 1
+            if event.anchor is not None:
+                expanded[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(open_collections) >= MAX_SPEC_DEPTH:
+                raise SpecError(f"{source}:{event.start_mark.line + 1}: nested more than {MAX_SPEC_DEPTH} levels "
+                                f"deep; a job spec has sections of values")
+            open_collections.append([event.anchor, 1])
+            total += 1
+            continue
+        else:
+            continue
+        total += added
+        if open_collections:
+            open_collections[-1][1] += added
+        if total > MAX_SPEC_NODES:
+            raise SpecError(f"{source}:{event.start_mark.line + 1}: expands to more than {MAX_SPEC_NODES:,} values "
+                            f"(through aliases); a job spec is far smaller")
 
 
 def parse_spec(data: dict, source: str = "<spec>", text: str | None = None) -> Job:
@@ -65,28 +134,31 @@ def apply_overrides(data: dict, overrides) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SpecError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-5")
+            raise SpecError(f"--set {brief(item)}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-5")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SpecError(f"--set {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+                raise SpecError(f"--set {brief(item)}: {brief(part)} is not a section")
+        node[leaf] = safe_load_bounded(raw, f"--set {brief(item)}") if raw.strip() else ""
     return data
 
 
 # ----------------------------------------------------------------------------- error messages
 def format_validation_error(err: ValidationError, data: dict, source: str, text: str | None) -> str:
     lines = [f"{source}: invalid job spec"]
-    for error in err.errors():
+    errors = err.errors()
+    for error in errors[:MAX_LISTED_ERRORS]:
         loc = list(error["loc"])
         if loc and loc[0] in KINDS:  # the discriminated union prefixes the kind
             loc = loc[1:]
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        dotted = ".".join(str(p) if len(str(p)) <= 40 else f"{str(p)[:40]}..." for p in loc) or "(top level)"
         line = _line_of(text, loc) if text else None
         where = f"line {line}: " if line else ""
         lines.append(f"  {where}{dotted}: {_describe(error, data, loc)}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
     return "\n".join(lines)
 
 
@@ -105,7 +177,7 @@ def _describe(error, data, loc) -> str:
     if kind == "missing":
         return "required, but missing"
     if "input" in error and kind not in ("value_error", "assertion_error") and not isinstance(error["input"], dict):
-        return f"{message} (got {error['input']!r})"
+        return f"{message} (got {brief(error['input'])})"
     return message
 
 
@@ -146,19 +218,27 @@ def _line_of(text, loc):
 
 # ----------------------------------------------------------------------------- run dirs
 def check_run_dir(spec: Job, force_new: bool = False) -> None:
-    """Refuse a run dir that holds another computation; writes nothing."""
+    """Refuse a run dir that is neither absent, empty, nor idiff's own run of this spec; writes nothing."""
     run_dir = RunDir(spec.run_dir)
-    saved = run_dir.saved_spec()
-    if saved is None:
+    if storage.exists(run_dir.path) and not storage.isdir(run_dir.path):
+        raise SpecError(f"run_dir {run_dir.path} is a file, not a folder; choose another run_dir")
+    contents = run_dir.contents()
+    if not contents:
         return
+    if not run_dir.is_owned():
+        listed = ", ".join(map(brief, contents[:3])) + (", ..." if len(contents) > 3 else "")
+        found = "a spec.yaml that idiff did not write" if "spec.yaml" in contents else listed
+        raise SpecError(f"run_dir {run_dir.path} is not empty and not an idiff run dir (it holds {found}); idiff "
+                        f"writes only into an empty folder or a run dir it made: choose another run_dir")
     if force_new:
         if storage.is_remote(run_dir.path):
             raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
         return
-    previous = parse_spec({**saved, "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
+    previous = parse_spec({**run_dir.saved_spec(), "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
     if previous.run_hash() != spec.run_hash():
         exclude = {"resources", "run_dir"}
-        changed = _differences(previous.model_dump(mode="json", exclude=exclude), spec.model_dump(mode="json", exclude=exclude))
+        changed = _differences(previous.model_dump(mode="json", exclude=exclude),
+                               spec.model_dump(mode="json", exclude=exclude))
         raise SpecError(
             f"{run_dir.path} holds a run of another spec (changed: {', '.join(changed[:8])}); resume it with "
             f"the identical spec, choose another run_dir, or pass --force-new to move the old run aside"
@@ -166,14 +246,15 @@ def check_run_dir(spec: Job, force_new: bool = False) -> None:
 
 
 def claim_run_dir(spec: Job, force_new: bool = False) -> RunDir:
-    """Rank 0 only: take the run dir for ``spec``, moving a previous run aside with ``force_new``."""
+    """Take the run dir for ``spec`` (rank 0, or idiff-submit before the job exists): mark it as this run's,
+    moving a previous run aside with ``force_new``."""
     check_run_dir(spec, force_new)
     run_dir = RunDir(spec.run_dir)
-    if force_new and storage.exists(run_dir / "spec.yaml"):
+    if force_new and run_dir.is_owned():
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
     storage.makedirs(run_dir.path)
-    storage.atomic_write_text(run_dir / "spec.yaml", dump_spec(spec))
+    run_dir.write_spec(dump_spec(spec))
     return run_dir
 
 

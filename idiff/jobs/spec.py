@@ -7,19 +7,27 @@ CLI flags, ``--help``, ``idiff spec --docs`` and error messages are all generate
 
 import hashlib
 import json
+import math
 import os
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator,
+                      model_validator)
 
-from ..diffusion.schedules import SCHEDULES
+from ..diffusion.ode_samplers import SPACINGS, resolve_spacing
+from ..diffusion.respace import parse_respacing, space_timesteps
+from ..diffusion.samplers import MIN_STEPS, ODE_SAMPLERS, SAMPLERS
+from ..diffusion.schedules import SCHEDULES, get_named_beta_schedule
 from ..diffusion.timestep_sampler import SCHEDULE_SAMPLERS
+from ..errors import brief
+from ..factory import _attention_factors, parse_channel_mult
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -45,9 +53,16 @@ class ModelSection(Section):
     @classmethod
     def _comma_ints(cls, value: str) -> str:
         parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"expected comma-separated positive integers, got {value!r}")
+        if not all(p.isdecimal() and int(p) > 0 for p in parts):
+            raise ValueError(f"expected comma-separated positive integers, got {brief(value)}")
         return ",".join(parts)
+
+    @field_validator("num_channels")
+    @classmethod
+    def _group_norm_splits(cls, value: int) -> int:
+        if value % 32:  # every normalization of the UNet is a GroupNorm of 32 groups (models.blocks)
+            raise ValueError(f"must be a multiple of 32, GroupNorm's group count (got {value})")
+        return value
 
     @model_validator(mode="after")
     def _super_res_sizes(self):
@@ -55,6 +70,29 @@ class ModelSection(Section):
             raise ValueError("set both large_size and small_size for a super-resolution model, or neither")
         if self.large_size is not None and self.small_size >= self.large_size:
             raise ValueError(f"small_size ({self.small_size}) must be below large_size ({self.large_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _levels_and_heads_fit(self):
+        """What building the UNet would otherwise find out only after the run dir was written."""
+        size = self.output_size
+        mult = parse_channel_mult(self.channel_mult, size)
+        if size % 2 ** (len(mult) - 1):
+            raise ValueError(f"channel_mult {','.join(map(str, mult))} has {len(mult)} levels, which halve the "
+                             f"image {len(mult) - 1} times: the size ({size} px) must be a multiple of "
+                             f"{2 ** (len(mult) - 1)}; use fewer levels")
+        attended = _attention_factors(self.attention_resolutions, size)
+        upsample_heads = self.num_heads_upsample if self.num_heads_upsample > 0 else self.num_heads
+        for level, m in enumerate(mult):
+            heads = {}
+            if 2 ** level in attended:
+                heads.update(num_heads=self.num_heads, num_heads_upsample=upsample_heads)
+            if level == len(mult) - 1:  # the middle block always attends, with num_heads
+                heads["num_heads"] = self.num_heads
+            for name, count in heads.items():
+                if (self.num_channels * m) % count:
+                    raise ValueError(f"{name} ({count}) does not divide the {self.num_channels * m} channels "
+                                     f"(num_channels x {m}) of the attention at {size // 2 ** level} px")
         return self
 
     @property
@@ -69,7 +107,7 @@ class ModelSection(Section):
 class DiffusionSection(Section):
     """The diffusion process. Names and defaults are the original's flags."""
 
-    diffusion_steps: PositiveInt = Field(1000, description="T, the number of diffusion steps")
+    diffusion_steps: int = Field(1000, ge=2, le=100_000, description="T, the number of diffusion steps")
     noise_schedule: Literal[SCHEDULES] = Field("linear", description="beta schedule")
     timestep_respacing: str = Field("", description="keep only some steps: '250', '10,15,20' or 'ddim50'")
     use_kl: bool = Field(False, description="train on L_vlb instead of the simple/hybrid loss")
@@ -77,6 +115,24 @@ class DiffusionSection(Section):
     rescale_timesteps: bool = Field(True, description="feed the model t * 1000/T")
     rescale_learned_sigmas: bool = Field(True, description="scale the VB term by T/1000 (L_hybrid)")
     sigma_small: bool = Field(False, description="fixed variance: the posterior's instead of beta_t")
+
+    @model_validator(mode="after")
+    def _chain_is_valid(self):
+        betas = get_named_beta_schedule(self.noise_schedule, self.diffusion_steps)
+        if not (0 < betas.min() and betas.max() <= 1):
+            raise ValueError(f"the {self.noise_schedule} schedule with diffusion_steps {self.diffusion_steps} has betas "
+                             f"up to {betas.max():.3g}; each must lie in (0, 1]: use more steps")
+        check_respacing(self.timestep_respacing, self.diffusion_steps, "timestep_respacing")
+        return self
+
+
+def check_respacing(respacing: str, diffusion_steps: int, field: str) -> None:
+    """A ValueError naming ``field`` when ``respacing`` does not select steps out of ``diffusion_steps``."""
+    if respacing:
+        try:
+            space_timesteps(diffusion_steps, respacing)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err} (diffusion_steps is {diffusion_steps})") from None
 
 
 class TrainSection(Section):
@@ -128,7 +184,17 @@ class TrainSection(Section):
             self.max_steps = self.lr_anneal_steps
         if isinstance(self.microbatch, int) and self.microbatch > self.batch_size:
             raise ValueError(f"microbatch ({self.microbatch}) is larger than the global batch_size ({self.batch_size})")
+        if self.lr_anneal_steps and self.total_steps > self.lr_anneal_steps:
+            raise ValueError(f"lr_anneal_steps ({self.lr_anneal_steps}) is shorter than the run ({self.total_steps} "
+                             f"steps): the learning rate would reach 0 at step {self.lr_anneal_steps}; set "
+                             f"lr_anneal_steps to at least {self.total_steps}, or 0 for a constant rate")
         return self
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: max_steps, or the steps that see max_images, whichever ends first."""
+        ends = (self.max_steps, self.max_images and math.ceil(self.max_images / self.batch_size))
+        return min(n for n in ends if n)
 
     @property
     def ema_rates(self) -> list[float]:
@@ -154,6 +220,15 @@ class SampleSection(ModelSource):
     use_ddim: bool = Field(False, description="DDIM instead of ancestral sampling")
     timestep_respacing: str = Field("", description="sampling chain, e.g. '250' or 'ddim50'; '' = all steps")
     eta: float = Field(0.0, ge=0, description="DDIM noise scale")
+    sampler: Literal[tuple(SAMPLERS)] | None = Field(None, description=(
+        "ancestral, ddim, or a deterministic ODE solver (dpmpp_2m, dpmpp_3m, heun); none = ancestral, or ddim "
+        "with use_ddim"))
+    steps: PositiveInt | None = Field(None, description=(
+        "model evaluations per image; ancestral/ddim: the same as timestep_respacing 'N'; none = one per step of "
+        "the chain"))
+    spacing: Literal[SPACINGS] | None = Field(None, description=(
+        "where an ODE solver's steps go: IDDPM's evenly spaced timesteps, uniform in log-SNR, or Karras rho=7; "
+        "none = logsnr_uniform with steps, else the chain's own steps (ancestral and ddim: time_uniform only)"))
     clip_denoised: bool = Field(True, description="clip predicted x_0 to [-1, 1]")
     class_labels: Literal["random", "balanced"] | list[int] = Field(
         "random", description="class-conditional models: 'random', 'balanced' (round robin) or a list cycled")
@@ -161,10 +236,79 @@ class SampleSection(ModelSource):
     base_samples: str | None = Field(None, description="super-resolution: .npz of low-res images (and labels)")
     precision: Precision = Field("fp32", description="fp32, or bf16/fp16 autocast")
 
+    @field_validator("timestep_respacing")
+    @classmethod
+    def _respacing_syntax(cls, value: str) -> str:
+        if value:
+            parse_respacing(value)  # whether the steps fit is known with the model's diffusion_steps
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def _one_sampler(cls, value, info):
+        if info.data.get("use_ddim") and value not in (None, "ddim"):
+            raise ValueError(f"use_ddim: true means sampler ddim, not {value}; set one of them")
+        if value in ODE_SAMPLERS and info.data.get("eta"):
+            raise ValueError(f"{value} draws no noise: eta (DDIM's noise scale) must be 0, got {info.data['eta']}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _enough_steps(cls, value, info):
+        if value is None:
+            return value
+        if info.data.get("timestep_respacing"):
+            raise ValueError("steps and timestep_respacing both choose the sampling steps; set one of them")
+        sampler = info.data.get("sampler") or ("ddim" if info.data.get("use_ddim") else "ancestral")
+        if value < MIN_STEPS[sampler]:
+            raise ValueError(f"{sampler} needs at least {MIN_STEPS[sampler]} steps to take one step of its order, "
+                             f"got {value}")
+        return value
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_of_an_ode_sampler(cls, value, info):
+        sampler = info.data.get("sampler") or ("ddim" if info.data.get("use_ddim") else "ancestral")
+        if value not in (None, "time_uniform") and sampler not in ODE_SAMPLERS:
+            raise ValueError(f"{value} spacing is for the ODE solvers ({', '.join(ODE_SAMPLERS)}); {sampler} takes "
+                             f"the chain's own steps (time_uniform)")
+        return value
+
     @model_validator(mode="after")
     def _source(self):
         self._check_source("sampling")
+        if "use_ddim" in self.model_fields_set and not self.use_ddim and self.sampler == "ddim":
+            raise ValueError("use_ddim: false contradicts sampler: ddim; set one of them")
         return self
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler: ``sampler``, else what ``use_ddim`` says."""
+        return self.sampler or ("ddim" if self.use_ddim else "ancestral")
+
+    @property
+    def chain_respacing(self) -> str:
+        """The respacing of the chain the sampler runs on. Ancestral and DDIM step through a respaced chain, so
+        their ``steps`` N is respacing "N"; the ODE solvers place their steps on the whole chain themselves."""
+        if self.steps and self.sampler_name not in ODE_SAMPLERS:
+            return str(self.steps)
+        return self.timestep_respacing
+
+    @property
+    def sampler_options(self) -> dict:
+        """The options of ``samplers.SAMPLERS[sampler_name]`` besides the common ones."""
+        if self.sampler_name == "ddim":
+            return {"eta": self.eta}
+        if self.sampler_name in ODE_SAMPLERS:
+            return {"steps": self.steps, "spacing": resolve_spacing(self.spacing, self.steps)}
+        return {}
+
+    @property
+    def sampling(self) -> str:
+        """How images are drawn, in words: 'dpmpp_2m 20 steps logsnr_uniform', 'ddim ddim50', 'ancestral all steps'."""
+        chain = f"{self.steps} steps" if self.steps else self.timestep_respacing or "all steps"
+        spacing = self.sampler_options.get("spacing")
+        return f"{self.sampler_name} {chain}" + (f" {spacing}" if spacing else "")
 
 
 Metric = Literal["nll", "fid", "inception_score", "precision_recall"]
@@ -194,6 +338,64 @@ class EvaluateSection(ModelSource):
         return self
 
 
+# Values of these sections reach sbatch scripts and command lines. A newline there would start a new
+# shell command, so control characters are refused everywhere; submitit and idiff quote the rest.
+def refuse_control_characters(value: str) -> str:
+    bad = sorted({repr(c) for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"control characters ({', '.join(bad)}) are not allowed: the value reaches a Slurm script "
+                         "or command line")
+    return value
+
+
+ScriptText = Annotated[str, AfterValidator(refuse_control_characters)]
+# Image names and mount paths go onto docker/apptainer/srun command lines and into Pyxis's comma list:
+# only characters that no shell or option parser treats specially, and no leading '-' (an option).
+_IMAGE = re.compile(r"[A-Za-z0-9_./@#+=][A-Za-z0-9_./@#+=:-]*")
+MOUNT_PATH = re.compile(r"/[A-Za-z0-9_./@+=-]*")
+
+
+def _one_word(value: str, what: str, pattern: re.Pattern, allowed: str) -> str:
+    refuse_control_characters(value)
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{what} {value!r}: only letters, digits and {allowed} are allowed (no spaces, quotes or "
+                         "other shell characters, no leading -)")
+    return value
+
+
+class ContainerSection(Section):
+    """Runs every rank of a Slurm job in a container (idiff-submit and slurm/*.sbatch); see docker/README.md.
+
+    The working directory and the run dir are always mounted at their own paths."""
+
+    image: str = Field(description="docker/podman: image name; apptainer: .sif file or URI; pyxis: enroot image")
+    runtime: Literal["docker", "podman", "apptainer", "pyxis"] = Field(
+        "docker", description="docker/podman `run`, `apptainer exec`, or srun's Pyxis `--container-image`")
+    mounts: list[str] = Field(default_factory=list, description=(
+        "more HOST[:CONTAINER][:ro] bind mounts (absolute paths), e.g. data sets"))
+
+    @field_validator("image")
+    @classmethod
+    def _image_is_one_word(cls, value: str) -> str:
+        return _one_word(value, "image", _IMAGE, "_./@#+=-:")
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts_are_paths(cls, mounts: list[str]) -> list[str]:
+        for mount in mounts:
+            refuse_control_characters(mount)
+            parts = mount.split(":")
+            if parts[-1] in ("ro", "rw") and len(parts) > 1:
+                parts = parts[:-1]
+            if len(parts) > 2:
+                raise ValueError(f"mount {mount!r}: expected HOST[:CONTAINER][:ro]")
+            for path in parts:
+                if not path.startswith("/"):
+                    raise ValueError(f"mount {mount!r}: {path!r} is not an absolute path")
+                _one_word(path, f"mount {mount!r}: path", MOUNT_PATH, "_./@+=-")
+        return mounts
+
+
 class Resources(Section):
     """What the scheduler is asked for; ignored by local runs."""
 
@@ -203,14 +405,41 @@ class Resources(Section):
     cpus_per_task: PositiveInt = Field(8, description="CPU cores per rank")
     mem_gb: PositiveInt | None = Field(None, description="memory per node, GB")
     timeout_min: PositiveInt = Field(60 * 24, description="wall-clock limit of one Slurm job, minutes")
-    partition: str | None = Field(None, description="Slurm partition")
-    account: str | None = Field(None, description="Slurm account")
-    qos: str | None = Field(None, description="Slurm QOS")
-    constraint: str | None = Field(None, description="Slurm node constraint")
+    partition: ScriptText | None = Field(None, description="Slurm partition")
+    account: ScriptText | None = Field(None, description="Slurm account")
+    qos: ScriptText | None = Field(None, description="Slurm QOS")
+    constraint: ScriptText | None = Field(None, description="Slurm node constraint")
     signal_delay_s: PositiveInt = Field(120, description="USR2 this long before the time limit, seconds")
     max_requeues: int = Field(10, ge=0, description="requeues after preemption or timeout before giving up")
-    container_image: str | None = Field(None, description="Pyxis/enroot image passed to srun")
-    slurm_extra: dict[str, str] = Field(default_factory=dict, description="further sbatch options")
+    container: ContainerSection | None = Field(None, description="run the ranks in this container (section below)")
+    slurm_extra: dict[str, str] = Field(
+        default_factory=dict, description="further sbatch options, e.g. {mail-user: me@example.org}")
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _sbatch_options(cls, options: dict[str, str]) -> dict[str, str]:
+        for key, value in options.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+                raise ValueError(f"{key!r} is not an sbatch option name (letters, digits, - and _, e.g. mail-user)")
+            try:
+                refuse_control_characters(value)
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+        return options
+
+    @model_validator(mode="before")
+    @classmethod
+    def _container_image_means_pyxis(cls, data):
+        """Specs written before the container section named a Pyxis image as ``container_image``."""
+        if isinstance(data, dict) and "container_image" in data:
+            data = dict(data)
+            image = data.pop("container_image")
+            if image is not None:
+                if data.get("container") is not None:
+                    raise ValueError("container_image is the old spelling of container: {image: ..., runtime: pyxis}; "
+                                     "set only container")
+                data["container"] = {"image": image, "runtime": "pyxis"}
+        return data
 
     @property
     def ranks_per_node(self) -> int:
@@ -270,6 +499,15 @@ class ModelJob(Job):
 class SampleJob(ModelJob):
     kind: Literal["sample"]
     sample: SampleSection
+
+    @model_validator(mode="after")
+    def _respacing_fits(self):
+        """diffusion_steps is the spec's, or with model_path alone the default; a from_run without a diffusion
+        section takes the run's, checked when the weights are resolved."""
+        if self.diffusion is not None or self.sample.model_path:
+            steps = (self.diffusion or DiffusionSection()).diffusion_steps
+            check_respacing(self.sample.timestep_respacing, steps, "sample.timestep_respacing")
+        return self
 
     @property
     def source(self) -> ModelSource:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 DIST_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -92,7 +94,11 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def _mpi_env() -> RankEnv:
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise UserError(f"this process was started by MPI (mpiexec), which needs mpi4py: pip install 'idiff[mpi]' "
+                        f"(and an MPI library at run time, e.g. apt install openmpi-bin) ({err})") from None
 
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)

@@ -2,6 +2,8 @@
 
 Signals sent to the launcher (Slurm's USR2/TERM, Ctrl-C) are forwarded to every rank, and the
 ranks die with the launcher (PR_SET_PDEATHSIG), so a killed launcher never leaves orphans training.
+A signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, Slurm) thus reaches each
+rank twice, directly and forwarded: a rank acts on the first and ignores repeats.
 """
 
 import ctypes
@@ -31,20 +33,21 @@ def run_local_ranks(argv: list[str], nproc: int) -> int:
     """Run ``idiff <argv>`` as ``nproc`` ranks; the exit code is the first failure's, else 0."""
     port = free_port()
     procs = []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "IDIFF_LAUNCHER": "local"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "idiff.cli", *argv], env=env,
-                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Before the first rank starts: a Ctrl-C from now on reaches the ranks, not the launcher as KeyboardInterrupt.
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
+        for rank in range(nproc):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "IDIFF_LAUNCHER": "local"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "idiff.cli", *argv], env=env,
+                                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
         return _wait(procs)
     finally:
         for sig, handler in previous.items():

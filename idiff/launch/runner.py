@@ -1,8 +1,12 @@
 """Run a job body on this process's rank, the same way under every launcher."""
 
+import os
+import sys
+
 import torch.distributed as dist
 
 from .. import storage
+from ..errors import EXIT_INTERRUPTED, UserError
 from ..jobs.io import check_run_dir, claim_run_dir
 from ..run_dir import RunDir
 from .env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
@@ -45,10 +49,25 @@ class JobHooks:
         return self.preemption is not None and self.preemption.received is not None
 
 
+def check_run_dir_usable(spec, force_new: bool = False) -> None:
+    """The run dir can be written and holds no other computation; checked before anything is written."""
+    path = spec.run_dir
+    if not storage.is_remote(path):
+        existing = os.path.abspath(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = "" if existing == os.path.abspath(path) else f"cannot be created: {existing} "
+            raise UserError(f"run_dir: {path} {where}is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+            raise UserError(f"run_dir: {path} cannot be written: {existing} is read-only for this user")
+    check_run_dir(spec, force_new)
+
+
 def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None = None, env=None) -> str:
     """Run ``spec`` on this rank: "completed" or "preempted" (a checkpoint was written first)."""
     env = env or detect_rank_env()
-    check_run_dir(spec, force_new)  # every rank, before anything is written: they all fail alike
+    check_run_dir_usable(spec, force_new)  # every rank, before anything is written: they all fail alike
     flag = preemption or PreemptionFlag().install()
     configure_threads(env)
     init_distributed(env)
@@ -59,10 +78,15 @@ def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None 
     finally:
         if env.is_main and storage.exists(RunDir(spec.run_dir) / "spec.yaml"):
             RunDir(spec.run_dir).record("end", status=status, signal=flag.received)
+        if env.is_main and status == "preempted":
+            print(f"idiff: stopped on {flag.received}; the run can be resumed: run the same command again "
+                  f"(it continues in {spec.run_dir})", file=sys.stderr, flush=True)
         if preemption is None:
             flag.uninstall()
         shutdown_distributed()
 
 
-def exit_code(status: str) -> int:
-    return EXIT_PREEMPTED if status == "preempted" else 0
+def exit_code(status: str, signal_name: str | None = None) -> int:
+    if status != "preempted":
+        return 0
+    return EXIT_INTERRUPTED if signal_name == "SIGINT" else EXIT_PREEMPTED

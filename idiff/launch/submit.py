@@ -8,6 +8,8 @@ rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or 
 
 import argparse
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,9 +18,11 @@ import submitit
 import yaml
 
 from .. import storage
-from ..errors import UserError, report
-from ..jobs.io import apply_overrides, check_run_dir, dump_spec, load_spec, parse_spec
+from ..errors import UserError, guarded, report
+from ..jobs.io import apply_overrides, check_run_dir, claim_run_dir, dump_spec, load_spec, parse_spec
+from ..jobs.spec import refuse_control_characters
 from ..run_dir import RunDir
+from .container import check_container, srun_options, wrap
 from .env import RankEnv, port_for_job
 from .runner import EXIT_PREEMPTED, run_job
 from .signals import PreemptionFlag
@@ -40,16 +44,16 @@ def rank_env_from_submitit() -> RankEnv:
 class SubmittedJob(submitit.helpers.Checkpointable):
     """What runs on every task: the job body, then (rank 0) a requeue if it was preempted by USR2."""
 
-    def __init__(self, spec_data: dict, force_new: bool = False):
+    def __init__(self, spec_data: dict):
         self.spec_data = spec_data
-        self.force_new = force_new
 
     def __call__(self):
         flag = PreemptionFlag().install()  # after submitit's handlers: ours win
         env = rank_env_from_submitit()
         spec = parse_spec(self.spec_data, source="submitted spec")
-        # A requeued job must resume its own run, never move it aside again.
-        status = run_job(spec, force_new=self.force_new and env.restart_count == 0, preemption=flag, env=env)
+        # idiff-submit took the run dir (moving an old run aside if asked) before the job existed: every
+        # start, requeues included, resumes that run.
+        status = run_job(spec, preemption=flag, env=env)
         if status != "preempted":
             return status
         if env.is_main and flag.received == "SIGUSR2" and env.slurm_job_id:
@@ -63,18 +67,41 @@ class SubmittedJob(submitit.helpers.Checkpointable):
             print(f"idiff: not requeued: {env.restart_count} requeues reached resources.max_requeues={limit}; "
                   f"continue with `idiff-resume {spec.run_dir}`", file=sys.stderr, flush=True)
             return
-        submitit.JobEnvironment()._requeue(limit - env.restart_count)
+        job = submitit.JobEnvironment()
+        if spec.resources.container is not None:
+            # No scontrol in the image: the batch script requeues on its way out (container_setup).
+            (job.paths.folder / REQUEUE_MARKER).touch()
+        else:
+            job._requeue(limit - env.restart_count)
 
     def checkpoint(self, *args, **kwargs):
         """Used only if Slurm's own machinery asks: the run dir holds the state, so resubmit as is."""
         return submitit.helpers.DelayedSubmission(SubmittedJob(self.spec_data))
 
 
+REQUEUE_MARKER = "requeue"  # in a job's submitit folder: rank 0 in a container asks for a requeue
+
+
+def container_setup(jobs_folder) -> list[str]:
+    """Lines of the batch script (on the node, outside the container) of a containerised job;
+    ``jobs_folder`` holds submitit's folder of each job, named by its id."""
+    marker = f'{shlex.quote(str(jobs_folder))}/"$SLURM_JOB_ID"/{REQUEUE_MARKER}'
+    return [
+        # `python -m` puts the working directory first on sys.path, where a checkout of idiff (mounted
+        # with it) would shadow the image's own.
+        "export PYTHONSAFEPATH=1",
+        f"requeue_if_asked() {{ if [[ -e {marker} ]]; then rm -f {marker}; scontrol requeue \"$SLURM_JOB_ID\"; fi; }}",
+        "trap requeue_if_asked EXIT",
+    ]
+
+
 def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
     r = spec.resources
     folder = os.path.join(spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs", "slurm", "%j")
-    executor = submitit.AutoExecutor(folder=folder, cluster="local" if local else None,
-                                     slurm_max_num_timeout=r.max_requeues)
+    cluster = "local" if local else submitit.AutoExecutor.which()
+    in_container = r.container is not None and cluster == "slurm"
+    python = {"slurm_python": shlex.join(wrap(spec, ["python"], os.getcwd()))} if in_container else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=r.max_requeues, **python)
     params = dict(name=spec.name, nodes=r.nodes, tasks_per_node=r.ranks_per_node, cpus_per_task=r.cpus_per_task,
                   timeout_min=r.timeout_min)
     if r.gpus_per_node:
@@ -89,30 +116,45 @@ def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
                 params[f"slurm_{key}"] = value
         if r.slurm_extra:
             params["slurm_additional_parameters"] = dict(r.slurm_extra)
-        if r.container_image:
-            params["slurm_srun_args"] = [f"--container-image={r.container_image}"]
+        if in_container:
+            params["slurm_srun_args"] = srun_options(spec, os.getcwd())
+            params["slurm_setup"] = container_setup(executor.folder.parent)
     executor.update_parameters(**params)
     return executor
 
 
-def submit(spec, *, local=False, dry_run=False, force_new=False, out=sys.stdout) -> str | None:
+def submit(spec, *, local=False, dry_run=False, force_new=False, out=None) -> str | None:
     """Submit ``spec``; returns the job id (None for a dry run)."""
+    out = out or sys.stdout
+    try:
+        refuse_control_characters(spec.run_dir)  # it becomes paths in the batch script
+    except ValueError as err:
+        raise UserError(f"run_dir: {err}") from None
+    if spec.resources.container is not None and not local:
+        check_container(spec, os.getcwd())
     check_run_dir(spec, force_new)
-    executor = executor_for(spec, local)
     if dry_run:
+        # submitit makes its log folder when the executor is made: a dry run leaves no folder behind it
+        made = [path for path in (spec.run_dir, "slurm-logs") if not storage.is_remote(path) and not os.path.exists(path)]
+        executor = executor_for(spec, local)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
         print("# resolved spec", file=out)
         print(dump_spec(spec), file=out)
         print(f"# {executor.cluster} parameters", file=out)
         print(yaml.safe_dump(executor._executor.parameters, sort_keys=True), file=out)
+        print(f"# each rank runs\n{executor._executor._submitit_command_str}", file=out)
         return None
-    if executor.cluster == "slurm":
-        _test_only(executor)
+    if not local and submitit.AutoExecutor.which() == "slurm":
+        _test_only(executor_for(spec))  # before the run dir is touched
+    # Marked as this run's before submitit writes into it (its local executor makes its log folder as soon
+    # as it is made), and before the job's own check.
+    run_dir = claim_run_dir(spec, force_new)
+    executor = executor_for(spec, local)
     try:
-        job = executor.submit(SubmittedJob(spec.model_dump(mode="json"), force_new))
+        job = executor.submit(SubmittedJob(spec.model_dump(mode="json")))
     except Exception as err:  # sbatch's refusal arrives as submitit's FailedJobError with its stderr
         raise UserError(f"the scheduler refused the job: {str(err).strip()}") from None
-    run_dir = RunDir(spec.run_dir)
-    storage.makedirs(run_dir.path)
     run_dir.record("submit", kind=spec.kind, slurm_job_id=job.job_id if executor.cluster == "slurm" else None,
                    nodes=spec.resources.nodes, world_size=spec.resources.world_size)
     print(f"submitted job {job.job_id} ({executor.cluster}): {spec.name}", file=out)
@@ -145,6 +187,7 @@ def _common_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and sbatch parameters")
 
 
+@guarded("idiff-submit")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="idiff-submit", description="Submit a job spec to Slurm via submitit.")
     parser.add_argument("spec", help="job spec YAML")
@@ -163,6 +206,7 @@ def main(argv=None) -> int:
     return 0
 
 
+@guarded("idiff-resume")
 def resume_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="idiff-resume", description=(
         "Resubmit a run's saved spec after a hard failure or a cancelled job; it continues from the newest "

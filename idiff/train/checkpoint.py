@@ -3,8 +3,13 @@
 A checkpoint at step S is ``model{S:06d}.pt``, ``ema_{rate}_{S:06d}.pt`` per rate, ``opt{S:06d}.pt``,
 ``state{S:06d}.pt`` and, written last, ``checkpoint{S:06d}.json`` with each file's size and sha256.
 A crash at any point leaves either the previous complete checkpoint or the new one, never a mix.
+
+A checkpoint folder is untrusted input (a run dir may come from anyone): a manifest may only name
+files of its own step in its own folder, or the checkpoint is not used; pruning deletes only the
+files whose names it derives from a step number, whatever a manifest says.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +18,7 @@ import threading
 import warnings
 
 from .. import storage
+from ..errors import RunFailed
 
 _MANIFEST = re.compile(r"^checkpoint(\d{6,})\.json$")
 _STEP_FILE = re.compile(r"^(?:model|opt|state|ema_[0-9.e-]+_)(\d{6,})\.pt$")
@@ -29,9 +35,13 @@ def checkpoint_files(step: int, ema_rates) -> dict[str, str]:
     return files
 
 
+def manifest_name(step: int) -> str:
+    return f"checkpoint{step:06d}.json"
+
+
 def step_of(filename: str) -> int | None:
     """The step in a checkpoint file name such as model012000.pt or ema_0.9999_012000.pt."""
-    match = _STEP_FILE.match(os.path.basename(filename)) or _MANIFEST.match(os.path.basename(filename))
+    match = _STEP_FILE.fullmatch(os.path.basename(filename)) or _MANIFEST.fullmatch(os.path.basename(filename))
     return int(match.group(1)) if match else None
 
 
@@ -43,37 +53,69 @@ class CheckpointStore:
         return storage.join(self.folder, name)
 
     def manifest_path(self, step) -> str:
-        return self.path(f"checkpoint{step:06d}.json")
+        return self.path(manifest_name(step))
 
     def write(self, step: int, payloads: dict, meta: dict) -> None:
-        """Write each ``{file name: object}`` atomically, then the manifest that makes them count."""
-        storage.makedirs(self.folder)
-        files = {}
-        for name, obj in payloads.items():
-            files[name] = storage.atomic_write_bytes(self.path(name), storage.torch_bytes(obj))
-            _maybe_die(step, name)
-        manifest = {"step": step, "files": files, **meta}
-        storage.atomic_write_text(self.manifest_path(step), json.dumps(manifest, indent=1))
+        """Write each ``{file name: object}`` atomically, then the manifest that makes them count.
+
+        A failed write (a full disk, a quota) removes this step's files again and raises RunFailed: the
+        previous complete checkpoint stays the newest, and the folder holds no half checkpoint.
+        """
+        try:
+            storage.makedirs(self.folder)
+            files = {}
+            for name, obj in payloads.items():
+                files[name] = storage.atomic_write_bytes(self.path(name), storage.torch_bytes(obj))
+                _maybe_die(step, name)
+            manifest = {"step": step, "files": files, **meta}
+            storage.atomic_write_text(self.manifest_path(step), json.dumps(manifest, indent=1))
+        except OSError as err:
+            for name in [*payloads, manifest_name(step)]:
+                with contextlib.suppress(OSError):
+                    storage.remove(self.path(name))
+            with contextlib.suppress(OSError):
+                self.remove_stale_temporaries()
+            previous = self.latest_complete()
+            kept = f"checkpoint {previous} is the newest complete one" if previous is not None else "none is complete"
+            raise RunFailed(f"could not write checkpoint {step} to {self.folder} ({err.strerror or err}; "
+                            f"{storage.free_space(self.folder)}): its partial files were removed and {kept}. "
+                            f"Free some space and run the job again: it resumes from there") from None
 
     def steps(self) -> list[int]:
         """Steps that have a manifest (complete or not), ascending."""
         if not storage.isdir(self.folder):
             return []
-        return sorted(int(m.group(1)) for name in storage.listdir(self.folder) if (m := _MANIFEST.match(name)))
+        return sorted(int(m.group(1)) for name in storage.listdir(self.folder) if (m := _MANIFEST.fullmatch(name)))
 
     def manifest(self, step: int) -> dict:
         return json.loads(storage.read_text(self.manifest_path(step)))
 
     def problem(self, step: int) -> str | None:
-        """Why the checkpoint at ``step`` cannot be used, or None when every file matches its manifest."""
+        """Why the checkpoint at ``step`` cannot be used, or None when every file matches its manifest.
+
+        Only files of this step in this folder are looked at: a manifest naming anything else (``../x``,
+        an absolute path, another step's file) makes the checkpoint unusable, and nothing it names is read.
+        """
         try:
             manifest = self.manifest(step)
         except (OSError, ValueError) as err:
             return f"unreadable manifest ({err})"
-        for name, expected in manifest["files"].items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or manifest.get("step") != step:
+            return "not a checkpoint manifest of this step"
+        foreign = next((name for name in files if storage.unsafe_name_reason(name) or not _STEP_FILE.fullmatch(name)
+                        or step_of(name) != step), None)
+        if foreign is not None:
+            return f"its manifest names {foreign!r}, which is not a file of checkpoint {step} in {self.folder}"
+        missing = [name for name in checkpoint_files(step, ()).values() if name not in files]
+        if missing:
+            return f"its manifest does not list {', '.join(missing)}"
+        for name, expected in files.items():
             path = self.path(name)
             if not storage.exists(path):
                 return f"{name} is missing"
+            if not storage.is_remote(path) and os.path.islink(path):
+                return f"{name} is a symbolic link, which may point outside {self.folder}"
             if storage.file_digest(path) != expected:
                 return f"{name} does not match its manifest (truncated or corrupt)"
         return None
@@ -99,16 +141,23 @@ class CheckpointStore:
                 os.remove(os.path.join(self.folder, name))
 
     def prune(self, keep_last: int | None, keep_every: int | None) -> list[int]:
-        """Delete old checkpoints: all but the newest ``keep_last``, except multiples of ``keep_every``."""
+        """Delete old checkpoints: all but the newest ``keep_last``, except multiples of ``keep_every``.
+
+        The files deleted are the ones of this folder whose names carry a doomed step (model, opt, state,
+        ema_*); manifests are not read, so no manifest can make pruning delete anything else.
+        """
         if not keep_last:
             return []
         steps = self.steps()
         doomed = [s for s in steps[:-keep_last] if not (keep_every and s % keep_every == 0)]
+        if not doomed:
+            return []
+        names = list(storage.listdir(self.folder))
         for step in doomed:
-            files = self.manifest(step)["files"]
             storage.remove(self.manifest_path(step))  # first, so a half-pruned checkpoint never counts
-            for name in files:
-                storage.remove(self.path(name))
+            for name in names:
+                if _STEP_FILE.fullmatch(name) and step_of(name) == step:
+                    storage.remove(self.path(name))
         return doomed
 
 

@@ -8,7 +8,6 @@ bit for bit, and the same global batch is drawn whatever the world size.
 
 import contextlib
 import json
-import math
 import random
 import sys
 import time
@@ -31,6 +30,7 @@ from ..launch.env import RankEnv
 from ..launch.signals import any_rank
 from ..precision import autocast
 from ..visualize import plot_losses
+from ..weights import load_weights
 from .checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
 from .ema import EMA
 from .metrics import MetricsLog, StepStats
@@ -55,13 +55,15 @@ def train(spec, env: RankEnv, hooks) -> str:
     rank_batch = per_rank_batch(cfg.batch_size, env.world_size)
     if isinstance(cfg.microbatch, int):
         choose_microbatch(cfg.microbatch, rank_batch)  # fails before anything is written
+    _seed_process(cfg.seed)  # identical initial weights on every rank and for every world size
+    model, diffusion = create_any_model_and_diffusion(spec.model_flags())
+    if cfg.resume_checkpoint:  # a bad file fails before anything is written; _restore loads it for good
+        load_weights(model, cfg.resume_checkpoint, "train.resume_checkpoint")
     run_dir = hooks.begin()
     store = CheckpointStore(run_dir.checkpoints)
     if spec.model.class_cond and env.is_main:
         storage.atomic_write_text(run_dir / "classes.json", json.dumps(dataset.classes, indent=1))
 
-    _seed_process(cfg.seed)  # identical initial weights on every rank and for every world size
-    model, diffusion = create_any_model_and_diffusion(spec.model_flags())
     model.to(device)
     params = list(model.parameters())
     microbatch = choose_microbatch(cfg.microbatch, rank_batch,
@@ -79,6 +81,8 @@ def train(spec, env: RankEnv, hooks) -> str:
         if env.world_size > 1 else model
     forward = torch.compile(ddp) if cfg.compile else ddp
     log = MetricsLog(run_dir.path) if env.is_main else None
+    if log is not None:
+        log.drop_after(step)  # rows a preempted run logged after its checkpoint: they are logged again
     if env.is_main:
         print(f"idiff: {env.describe()}; global batch {cfg.batch_size} = {env.world_size} ranks x {rank_batch}, "
               f"microbatch {microbatch}; {sum(p.numel() for p in params):,} parameters; start at step {step}",
@@ -86,7 +90,7 @@ def train(spec, env: RankEnv, hooks) -> str:
 
     writer = BackgroundWriter(store) if env.is_main else None
     stats = StepStats(diffusion.num_timesteps, device)
-    total_steps = min(n for n in (cfg.max_steps, cfg.max_images and math.ceil(cfg.max_images / cfg.batch_size)) if n)
+    total_steps = cfg.total_steps
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (env.is_main and sys.stderr.isatty()))
     mixed = autocast(device, cfg.precision)
@@ -95,7 +99,19 @@ def train(spec, env: RankEnv, hooks) -> str:
     data = iter(loader)
     tick, tick_step = time.perf_counter(), step
 
+    def wait_for_writer() -> None:
+        """Rank 0's checkpoint writes are done; one that failed (a full disk) stops every rank, exit 1."""
+        failure = None
+        if env.is_main:
+            try:
+                writer.wait()
+            except (RunFailed, OSError) as err:  # OSError: pruning the old checkpoints failed
+                failure = err
+        if any_rank(failure is not None):
+            raise failure or RunFailed("rank 0 could not write a checkpoint; its message says why")
+
     def save(now: int, *, wait: bool) -> None:
+        wait_for_writer()
         payloads, meta = _snapshot(now, spec, env, model, opt, ema, sampler, scaler, loader, int(nonfinite[1]))
         if env.is_main:
             after = (lambda: store.prune(cfg.keep_last, cfg.keep_every))
@@ -106,10 +122,8 @@ def train(spec, env: RankEnv, hooks) -> str:
             rows = log.rows()
             if rows:
                 plot_losses(rows, run_dir / "loss.png")
-            if wait:
-                writer.wait()
-        if wait and env.world_size > 1:
-            dist.barrier()  # nobody leaves (and the job is not requeued) before the checkpoint is complete
+        if wait:
+            wait_for_writer()  # nobody leaves (and the job is not requeued) before the checkpoint is complete
 
     status = COMPLETED
     while step < total_steps:
@@ -129,7 +143,7 @@ def train(spec, env: RankEnv, hooks) -> str:
         t, weights = sampler.sample_from_uniforms(uniforms, device)
 
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * (1 - step / cfg.lr_anneal_steps) if cfg.lr_anneal_steps else cfg.lr
+            group["lr"] = learning_rate(cfg.lr, cfg.lr_anneal_steps, step)
         opt.zero_grad(set_to_none=True)
         losses = accumulate_gradients(ddp, forward, diffusion, x, t, noise, weights, cond, microbatch=microbatch,
                                       scaler=scaler, mixed_precision=mixed, stats=stats)
@@ -172,11 +186,17 @@ def train(spec, env: RankEnv, hooks) -> str:
     bar.close()
     if last_saved != step:
         save(step, wait=True)
-    elif env.is_main:
-        writer.wait()
+    else:
+        wait_for_writer()
     if env.world_size > 1:
         dist.barrier()
     return status
+
+
+def learning_rate(lr: float, anneal_steps: int, step: int) -> float:
+    """The original's linear anneal to 0 over ``anneal_steps`` (0: constant), held at 0 after them, never
+    negative: a negative rate would ascend the loss."""
+    return lr * max(0.0, 1 - step / anneal_steps) if anneal_steps else lr
 
 
 def optimizer_step(opt, scaler, *, skip) -> None:
@@ -387,8 +407,6 @@ def _load_resume_checkpoint(spec, env, model, opt, ema, sampler, scaler, loader)
     fresh optimizer state and EMAs that start at the weights.
     """
     path = spec.train.resume_checkpoint
-    if not storage.exists(path):
-        raise UserError(f"train.resume_checkpoint: {path} does not exist")
     step = step_of(path)
     folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
     sibling = CheckpointStore(folder)
@@ -399,7 +417,7 @@ def _load_resume_checkpoint(spec, env, model, opt, ema, sampler, scaler, loader)
             return step
         _load_weights(sibling, {**files, "model": name}, spec, model, opt, ema, optional=True)
         return 0
-    model.load_state_dict(storage.load_torch(path))
+    load_weights(model, path, "train.resume_checkpoint")
     if ema is not None:
         for rate in spec.train.ema_rates:
             ema.load_state_dict(rate, dict(model.named_parameters()))

@@ -64,24 +64,64 @@ class StepStats:
 
 
 class MetricsLog:
-    """``log.jsonl`` (every key) and ``progress.csv`` (columns fixed by the first row), appended across resumes."""
+    """``log.jsonl`` (every key) and ``progress.csv`` (columns fixed by the first row), appended across resumes.
+
+    A resumed run first drops the rows of the steps after its checkpoint (``drop_after``): it logs them again.
+    """
 
     def __init__(self, run_dir):
         self.jsonl = storage.join(run_dir, "log.jsonl")
         self.csv = storage.join(run_dir, "progress.csv")
+        self._columns = None  # progress.csv's header, read once
 
     def write(self, row: dict) -> None:
         storage.append_text(self.jsonl, json.dumps(row) + "\n")
-        new = not storage.exists(self.csv)
-        columns = list(row) if new else next(csv.reader(io.StringIO(storage.read_text(self.csv))))
+        if self._columns is None:
+            self._columns = self._csv_header()
+        new = not self._columns
+        if new:
+            self._columns = list(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=self._columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
         storage.append_text(self.csv, buffer.getvalue())
 
-    def rows(self) -> list[dict]:
-        if not storage.exists(self.jsonl):
+    def _csv_header(self) -> list[str]:
+        if not storage.exists(self.csv):
             return []
-        return [json.loads(line) for line in storage.read_text(self.jsonl).splitlines() if line.strip()]
+        return next(csv.reader([storage.read_first_line(self.csv)]), [])
+
+    def rows(self) -> list[dict]:
+        """The rows of log.jsonl; torn or garbage lines are skipped with a warning."""
+        return storage.read_jsonl(self.jsonl, lambda row: isinstance(row.get("step"), int))
+
+    def drop_after(self, step: int) -> None:
+        """Remove the rows of steps after ``step`` (and torn lines at the end) from both files."""
+        storage.drop_trailing_lines(self.jsonl, lambda line: _logged_step(_json_step(line), step))
+        header = self._csv_header()
+        if "step" in header:
+            column = header.index("step")
+            storage.drop_trailing_lines(self.csv, lambda line: _logged_step(_csv_step(line, column), step))
+
+
+def _json_step(line: str):
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) else None
+
+
+def _csv_step(line: str, column: int):
+    values = next(csv.reader([line]), [])
+    try:
+        return int(values[column])
+    except (IndexError, ValueError):
+        return None
+
+
+def _logged_step(value, step: int) -> bool:
+    """A row to keep: it holds a step, and not one after ``step``."""
+    return isinstance(value, int) and value <= step

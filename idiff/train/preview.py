@@ -28,6 +28,6 @@ def preview_grid(spec, ema, model, path, device, num_labels=None) -> None:
     indices = list(range(cfg.sample_grid))
     labels = [i % (num_labels or spec.model.num_classes) for i in indices] if spec.model.class_cond else None
     images, _ = draw_images(ema_model, diffusion, indices, seed=cfg.seed, image_size=spec.model.image_size,
-                            use_ddim=True, labels=labels, precision=cfg.precision, device=device,
+                            sampler="ddim", labels=labels, precision=cfg.precision, device=device,
                             stream=rng.Stream.PREVIEW)
     image_grid(images, path)
