@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from idiff.collect import shard_name
+from idiff.shards import shard_name
 from idiff.storage import atomic_write_text
 
 MB = 1e6

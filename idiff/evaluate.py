@@ -20,12 +20,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .collect import npz_headers, read_npz, scan_shards, write_shard
 from .data import ImageDataset, list_image_files
+from .dist.env import RankEnv
+from .dist.signals import any_rank
 from .errors import UserError
-from .launch.env import RankEnv
-from .launch.signals import any_rank
-from .sample import complete_ranges, missing_parts, rank_ranges
+from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, scan_shards, write_shard
 
 FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": "prc"}
 # torch-fidelity defaults precision/recall to VGG16 features; Inception's pool features (as in the

@@ -10,9 +10,12 @@ files, or a ``spec.yaml`` someone else wrote, is never written into.
 
 import datetime
 import json
+import os
 import socket
 
 from . import storage
+from .errors import UserError, brief
+from .spec.load import SpecError, dump_spec, parse_spec, read_spec_data
 
 OWNER_MARK = "# idiff run dir: written by idiff when it took this folder for the job below\n"
 
@@ -42,8 +45,6 @@ class RunDir:
 
     def saved_spec(self) -> dict | None:
         """The mapping in ``spec.yaml`` (None without one), read as any untrusted spec: bounded, safe_load only."""
-        from .jobs.io import read_spec_data  # jobs.io imports this module
-
         path = self / "spec.yaml"
         return read_spec_data(path)[0] if storage.exists(path) else None
 
@@ -73,3 +74,61 @@ class RunDir:
         """The job history; torn or garbage lines are skipped with a warning."""
         return storage.read_jsonl(self / "jobs.jsonl",
                                   lambda e: isinstance(e.get("event"), str) and isinstance(e.get("time"), str))
+
+
+def check_run_dir(spec, force_new: bool = False) -> None:
+    """Refuse a run dir that cannot be written, or is neither absent, empty, nor idiff's own run of this
+    spec; writes nothing."""
+    path = spec.run_dir
+    run_dir = RunDir(path)
+    if storage.exists(path) and not storage.isdir(path):
+        raise SpecError(f"run_dir {path} is a file, not a folder; choose another run_dir")
+    if not storage.is_remote(path):
+        existing = os.path.abspath(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"run_dir: {path} cannot be created: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+            raise UserError(f"run_dir: {path} cannot be written: {existing} is read-only for this user")
+    contents = run_dir.contents()
+    if not contents:
+        return
+    if not run_dir.is_owned():
+        listed = ", ".join(map(brief, contents[:3])) + (", ..." if len(contents) > 3 else "")
+        found = "a spec.yaml that idiff did not write" if "spec.yaml" in contents else listed
+        raise SpecError(f"run_dir {run_dir.path} is not empty and not an idiff run dir (it holds {found}); idiff "
+                        f"writes only into an empty folder or a run dir it made: choose another run_dir")
+    if force_new:
+        if storage.is_remote(run_dir.path):
+            raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
+        return
+    previous = parse_spec({**run_dir.saved_spec(), "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
+    if previous.run_hash() != spec.run_hash():
+        exclude = {"resources", "run_dir"}
+        changed = _differences(previous.model_dump(mode="json", exclude=exclude),
+                               spec.model_dump(mode="json", exclude=exclude))
+        raise SpecError(
+            f"{run_dir.path} holds a run of another spec (changed: {', '.join(changed[:8])}); resume it with "
+            f"the identical spec, choose another run_dir, or pass --force-new to move the old run aside"
+        )
+
+
+def claim_run_dir(spec, force_new: bool = False) -> RunDir:
+    """Take the run dir for ``spec`` (rank 0, or idiff-submit before the job exists): mark it as this run's,
+    moving a previous run aside with ``force_new``."""
+    check_run_dir(spec, force_new)
+    run_dir = RunDir(spec.run_dir)
+    if force_new and run_dir.is_owned():
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
+    storage.makedirs(run_dir.path)
+    run_dir.write_spec(dump_spec(spec))
+    return run_dir
+
+
+def _differences(a, b, prefix="") -> list[str]:
+    keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else []
+    if not keys:
+        return [prefix.rstrip(".")] if a != b else []
+    return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]

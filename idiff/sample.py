@@ -15,69 +15,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import rng, storage, weights
-from .collect import collect, npz_headers, read_npz, scan_shards, shard_problem, write_shard
+from . import storage, weights
+from .collect import collect
 from .diffusion import samplers
+from .diffusion.draw import draw_images
+from .dist.env import RankEnv
+from .dist.signals import any_rank
 from .errors import UserError
-from .launch.env import RankEnv
-from .launch.signals import any_rank
-from .precision import autocast
-from .visualize import to_uint8
-
-
-def draw_images(model, diffusion, indices, **kwargs):
-    """uint8 NHWC images (and labels) for sample ``indices``: ``draw_samples`` quantised."""
-    x_0, labels = draw_samples(model, diffusion, indices, **kwargs)
-    return to_uint8(x_0), labels
-
-
-def draw_samples(model, diffusion, indices, *, seed, image_size, sampler="ancestral", sampler_options=None,
-                 clip_denoised=True, labels=None, num_classes=None, low_res=None, precision="fp32", device="cpu",
-                 stream=rng.Stream.SAMPLE):
-    """x_0 in [-1, 1], NCHW, (and labels) for sample ``indices``, drawn by ``samplers.SAMPLERS[sampler]`` with
-    ``sampler_options`` (``eta``; ``steps``, ``spacing``). x_T of an index is the same whatever the sampler.
-
-    ``labels``: None (unconditional), a label per index, or "random" (drawn from each sample's own
-    generator among ``num_classes``); ``low_res``: the super-resolution model's inputs, per index.
-    """
-    gens = rng.generators(seed, stream, indices)
-    if isinstance(labels, str):
-        labels = [int(torch.randint(num_classes, (), generator=g)) for g in gens]
-    x_t = rng.normal(gens, (3, image_size, image_size), device)
-    model_kwargs = {}
-    if labels is not None:
-        model_kwargs["y"] = torch.as_tensor(labels, dtype=torch.long, device=device)
-    if low_res is not None:
-        model_kwargs["low_res"] = low_res.to(device)
-    with torch.inference_mode(), autocast(device, precision):
-        x_0 = samplers.sample(sampler, diffusion, model, x_t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                              noise_fn=rng.PerSampleNoise(gens), **(sampler_options or {}))
-    return x_0, (np.asarray(labels, dtype=np.int64) if labels is not None else None)
-
-
-def rank_ranges(num_samples: int, global_batch: int, rank: int, world_size: int):
-    """This rank's contiguous part of each global batch: [(start, end), ...]."""
-    ranges = []
-    for batch_start in range(0, num_samples, global_batch):
-        batch_end = min(batch_start + global_batch, num_samples)
-        bounds = np.linspace(batch_start, batch_end, world_size + 1).round().astype(int)
-        if bounds[rank + 1] > bounds[rank]:
-            ranges.append((int(bounds[rank]), int(bounds[rank + 1])))
-    return ranges
-
-
-def missing_parts(start: int, end: int, covered: list[tuple[int, int]]):
-    """Sub-ranges of [start, end) that no covered range includes."""
-    parts, cursor = [], start
-    for a, b in sorted(covered):
-        if b <= cursor or a >= end:
-            continue
-        if a > cursor:
-            parts.append((cursor, a))
-        cursor = max(cursor, b)
-    if cursor < end:
-        parts.append((cursor, end))
-    return parts
+from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
 
 
 def labels_for(indices, mode, num_classes):
@@ -147,29 +92,6 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
         out = collect(run_dir.samples, output_dir=run_dir.path, force=True)
         print(f"idiff: wrote {out}", file=sys.stderr, flush=True)
     return "completed"
-
-
-def complete_ranges(folder, arrays_of, env: RankEnv) -> list[tuple[int, int]]:
-    """Index ranges of the shards in ``folder`` that hold what ``arrays_of(start, end)`` says a shard of the
-    job holds ({array: (shape, dtype)}), decided by rank 0 for all ranks. A shard that does not count
-    (corrupt, of another job, copied under another range's name) is moved aside as ``NAME.rejected``,
-    so that its range is drawn again."""
-    ranges = None
-    if env.is_main:
-        ranges = []
-        for shard in scan_shards(folder):
-            problem = shard_problem(shard, arrays_of(shard.start, shard.end))
-            if problem is None:
-                ranges.append((shard.start, shard.end))
-                continue
-            storage.move(shard.path, f"{shard.path}.rejected")
-            print(f"idiff: {shard.path} does not count ({problem}); moved aside to {shard.name}.rejected, its "
-                  f"indices are drawn again", file=sys.stderr, flush=True)
-    if env.world_size > 1:
-        box = [ranges]
-        dist.broadcast_object_list(box, src=0)
-        ranges = box[0]
-    return ranges
 
 
 def _check_chain_length(s, chain_length) -> None:

@@ -3,9 +3,9 @@
 import shutil
 import subprocess
 
+from .checkpoints import CheckpointStore
 from .errors import UserError
 from .run_dir import RunDir
-from .train.checkpoint import CheckpointStore
 from .train.metrics import MetricsLog
 
 

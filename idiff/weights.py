@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from . import storage
+from .checkpoints import CheckpointStore, checkpoint_files
 from .errors import UserError, brief
 from .factory import create_any_model_and_diffusion
-from .jobs.spec import check_respacing
 from .models import ArchitectureMismatch
 from .run_dir import RunDir
-from .train.checkpoint import CheckpointStore, checkpoint_files
+from .spec.schema import check_respacing
 
 
 @dataclass
@@ -63,7 +63,7 @@ def resolve(spec, source) -> Weights:
     if source.model_path:
         return Weights(spec.model_flags(), source.model_path, field=f"{spec.kind}.model_path")
 
-    from .jobs.io import parse_spec
+    from .spec.load import parse_spec
 
     run = RunDir(source.from_run)
     saved = run.saved_spec()

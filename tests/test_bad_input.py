@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, copy_run, start_idiff, tiny_spec, write_spec
+from conftest import idiff as run_idiff
 
 from idiff import create_model_and_diffusion
 from idiff.cli import main as idiff_main
 from idiff.train.loop import learning_rate
-
-from conftest import TINY_MODEL, copy_run, idiff as run_idiff, start_idiff, tiny_spec, write_spec
 
 MAX_MESSAGE = 2000  # characters: every message here is a few lines at most
 
@@ -278,7 +278,7 @@ def test_a_corrupt_from_run(capsys, trained, tmp_path, spoil, message):
 def test_a_run_dir_that_is_a_file(capsys, tmp_path, good):
     Path(good["run_dir"]).write_text("the user's notes")
     path = write_spec(tmp_path / "t.yaml", good)
-    refused(capsys, ["train", path], [f"run_dir: {good['run_dir']} is a file, not a folder"])
+    refused(capsys, ["train", path], [f"run_dir {good['run_dir']} is a file, not a folder"])
     good["run_dir"] = str(Path(good["run_dir"]) / "run")
     refused(capsys, ["train", write_spec(tmp_path / "t.yaml", good), "--nproc", 2],
             [f"cannot be created: {tmp_path / 'run'} is a file"])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import idiff, tiny_spec, write_spec
+
 from idiff.cli import main
 from idiff.errors import RunFailed
-from idiff.train.checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files
+from idiff.checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files
 
 SAVE, STEPS = 4, 8
 

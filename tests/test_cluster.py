@@ -8,9 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import (TEST_ENV, assert_same_function, assert_same_tensors, final_files, idiff, require_service,
-                      slurm_cluster_problem, tiny_spec, wait_for_step, write_spec)
+from conftest import (
+    TEST_ENV,
+    assert_same_function,
+    assert_same_tensors,
+    final_files,
+    idiff,
+    require_service,
+    slurm_cluster_problem,
+    tiny_spec,
+    wait_for_step,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]

@@ -5,10 +5,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import idiff
 from PIL import Image
 
-from conftest import idiff
-from idiff.collect import collect, main, shard_name
+from idiff.collect import collect, main
+from idiff.shards import shard_name
 
 SIZE = 8
 RANGES = [(0, 5), (5, 7), (7, 16), (16, 17)]  # uneven, as a rerun with another world size leaves them

@@ -13,14 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    TEST_ENV,
+    TEST_IMAGE,
+    assert_same_tensors,
+    docker_problem,
+    final_files,
+    idiff,
+    require_service,
+    slurm_cluster_problem,
+    tiny_spec,
+    wait_for_step,
+    write_spec,
+)
 
-from conftest import (TEST_ENV, TEST_IMAGE, assert_same_tensors, docker_problem, final_files, idiff,
-                      require_service, slurm_cluster_problem, tiny_spec, wait_for_step, write_spec)
 from idiff.cli import main as idiff_main
-from idiff.jobs.io import parse_spec
 from idiff.launch.container import srun_options, wrap
 from idiff.launch.submit import REQUEUE_MARKER, container_setup
 from idiff.launch.submit import main as submit_main
+from idiff.spec.load import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "/home/ada/project"  # the working directory the job is submitted from

@@ -228,8 +228,7 @@ def test_output_must_be_new_or_empty(tmp_path):
 
 
 def test_interrupted_output_is_removed(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with staged_output(str(tmp_path / "out")) as staging:
-            open(os.path.join(staging, "half.png"), "wb").close()
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_output(str(tmp_path / "out")) as staging:
+        open(os.path.join(staging, "half.png"), "wb").close()
+        raise KeyboardInterrupt
     assert_nothing_left(tmp_path, "out")

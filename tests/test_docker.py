@@ -12,15 +12,23 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import (TEST_IMAGE, assert_same_tensors, docker_problem, final_files, idiff, require_service, tiny_spec,
-                      wait_for_step, write_spec)
+import tomllib
+from conftest import (
+    TEST_IMAGE,
+    assert_same_tensors,
+    docker_problem,
+    final_files,
+    idiff,
+    require_service,
+    tiny_spec,
+    wait_for_step,
+    write_spec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"

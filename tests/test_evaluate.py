@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_refused, idiff, write_spec
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from conftest import assert_refused, idiff, write_spec
 from idiff.evaluate import fidelity_inputs, fidelity_metrics
 
 NUM_IMAGES = 4  # the fewest precision/recall takes: every image costs an Inception pass at 299 px

@@ -17,9 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import (TEST_ENV, assert_same_tensors, final_files, idiff, require_service, slurm_cluster_problem,
-                      start_idiff, tiny_spec, write_spec)
+from conftest import (
+    TEST_ENV,
+    assert_same_tensors,
+    final_files,
+    idiff,
+    require_service,
+    slurm_cluster_problem,
+    start_idiff,
+    tiny_spec,
+    write_spec,
+)
 from test_train_resume import logged_step, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_refused, idiff, tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
 from idiff.factory import model_and_diffusion_defaults, sr_model_and_diffusion_defaults
-from idiff.jobs.docs import spec_reference
-
-from conftest import assert_refused, idiff, tiny_spec, write_spec
+from idiff.spec.docs import spec_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,7 +200,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_run_dir_defaults_to_openai_logdir_then_runs_name(good):
-    from idiff.jobs.io import parse_spec
+    from idiff.spec.load import parse_spec
 
     del good["run_dir"]
     assert parse_spec(dict(good)).run_dir == os.path.join("runs", "tiny")

@@ -15,7 +15,7 @@ from idiff.cli import main as idiff_main
 from idiff.diffusion import samplers
 from idiff.diffusion.ode_samplers import SPACINGS, dpm_solver_pp
 from idiff.factory import create_gaussian_diffusion
-from idiff.sample import draw_samples
+from idiff.diffusion.draw import draw_samples
 
 ORDERS = {"dpmpp_2m": 2, "dpmpp_3m": 3, "heun": 2}
 

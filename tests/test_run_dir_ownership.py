@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_MODEL, tiny_spec, write_spec
+
 from idiff.cli import main
-from idiff.collect import main as collect_main, shard_name, write_shard
+from idiff.collect import main as collect_main
 from idiff.launch.submit import main as submit_main
 from idiff.run_dir import OWNER_MARK
+from idiff.shards import shard_name, write_shard
 
 USERS_FILES = {"classes.json": b'["mine"]', "samples_000004.png": b"\x89PNG my picture", "results.npz": b"my data",
                "log.jsonl": b'{"my": "log"}\n', "notes.txt": b"do not touch"}

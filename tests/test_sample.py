@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import NUM_CLASSES, TINY_MODEL, assert_refused, start_idiff, write_spec
+from conftest import idiff as run_idiff
 
 import idiff
-from conftest import NUM_CLASSES, TINY_MODEL, assert_refused, idiff as run_idiff, start_idiff, write_spec
-from idiff.collect import shard_name
+from idiff.shards import shard_name
+
 
 def sample_spec(trained, name, source=None, **sample):
     """A spec file for a short DDIM job from the trained run (or ``source``); returns (path, run dir)."""

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import SLURM_NODES as NODES, require_service, slurm_cluster_problem
+from conftest import SLURM_NODES as NODES
+from conftest import require_service, slurm_cluster_problem
 
 pytestmark = pytest.mark.slurm
 

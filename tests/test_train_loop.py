@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, load, tiny_spec, write_spec
+from conftest import idiff as run_idiff
 
 import idiff
-from idiff.train.checkpoint import CheckpointStore
+from idiff.checkpoints import CheckpointStore
 from idiff.train.ema import EMA
 from idiff.train.loop import accumulate_gradients
-
-from conftest import TINY_MODEL, idiff as run_idiff, load, tiny_spec, write_spec
 
 
 def test_microbatches_give_the_full_batch_gradient():

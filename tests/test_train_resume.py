@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_same_tensors, copy_run, final_files, idiff, start_idiff, tiny_spec, write_spec
 
 STEPS, SAVE = 40, 8

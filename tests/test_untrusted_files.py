@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import idiff
-from conftest import TINY_MODEL, idiff as run_idiff, write_spec
-from idiff.cli import main
-from idiff.collect import Shard, collect, main as collect_main, shard_name, shard_problem, write_shard
-from idiff.errors import UserError
+from conftest import TINY_MODEL, write_spec
+from conftest import idiff as run_idiff
 from test_data_prepare import CIFAR_CLASSES, add_pickle, encoded, lsun_lmdb
+
+import idiff.shards
+from idiff.cli import main
+from idiff.collect import collect
+from idiff.collect import main as collect_main
+from idiff.errors import UserError
+from idiff.shards import Shard, shard_name, shard_problem, write_shard
 
 
 def files_under(folder: Path) -> set[str]:
@@ -133,7 +136,7 @@ def test_a_shard_header_claiming_40000_squared_images_is_refused_before_allocati
 def test_every_npz_reader_checks_the_headers_first(tmp_path):
     path = lying_npz(tmp_path / "reference.npz", (50000, 64, 64, 3))
     with pytest.raises(UserError, match="declares uint8 \\[50000, 64, 64, 3\\]"):
-        idiff.collect.read_npz(path)
+        idiff.shards.read_npz(path)
 
 
 def test_a_shard_copied_under_another_ranges_name_is_refused_not_merged(tmp_path, capsys):

@@ -6,8 +6,16 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import TEST_ENV, assert_same_function, assert_same_tensors, final_files, idiff, require_service, tiny_spec, write_spec
+from conftest import (
+    TEST_ENV,
+    assert_same_function,
+    assert_same_tensors,
+    final_files,
+    idiff,
+    require_service,
+    tiny_spec,
+    write_spec,
+)
 
 STEPS = 6
 

@@ -1,16 +1,14 @@
 """Run a job body on this process's rank, the same way under every launcher."""
 
-import os
 import sys
 
 import torch.distributed as dist
 
 from .. import storage
-from ..errors import EXIT_INTERRUPTED, UserError
-from ..jobs.io import check_run_dir, claim_run_dir
-from ..run_dir import RunDir
-from .env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
-from .signals import PreemptionFlag
+from ..dist.env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
+from ..dist.signals import PreemptionFlag
+from ..errors import EXIT_INTERRUPTED
+from ..run_dir import RunDir, check_run_dir, claim_run_dir
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
 
@@ -49,25 +47,10 @@ class JobHooks:
         return self.preemption is not None and self.preemption.received is not None
 
 
-def check_run_dir_usable(spec, force_new: bool = False) -> None:
-    """The run dir can be written and holds no other computation; checked before anything is written."""
-    path = spec.run_dir
-    if not storage.is_remote(path):
-        existing = os.path.abspath(path)
-        while not os.path.lexists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            where = "" if existing == os.path.abspath(path) else f"cannot be created: {existing} "
-            raise UserError(f"run_dir: {path} {where}is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
-            raise UserError(f"run_dir: {path} cannot be written: {existing} is read-only for this user")
-    check_run_dir(spec, force_new)
-
-
 def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None = None, env=None) -> str:
     """Run ``spec`` on this rank: "completed" or "preempted" (a checkpoint was written first)."""
     env = env or detect_rank_env()
-    check_run_dir_usable(spec, force_new)  # every rank, before anything is written: they all fail alike
+    check_run_dir(spec, force_new)  # every rank, before anything is written: they all fail alike
     flag = preemption or PreemptionFlag().install()
     configure_threads(env)
     init_distributed(env)

@@ -18,14 +18,14 @@ import submitit
 import yaml
 
 from .. import storage
+from ..dist.env import RankEnv, port_for_job
+from ..dist.signals import PreemptionFlag
 from ..errors import UserError, guarded, report
-from ..jobs.io import apply_overrides, check_run_dir, claim_run_dir, dump_spec, load_spec, parse_spec
-from ..jobs.spec import refuse_control_characters
-from ..run_dir import RunDir
+from ..run_dir import RunDir, check_run_dir, claim_run_dir
+from ..spec.load import apply_overrides, dump_spec, load_spec, parse_spec
+from ..spec.schema import refuse_control_characters
 from .container import check_container, srun_options, wrap
-from .env import RankEnv, port_for_job
 from .runner import EXIT_PREEMPTED, run_job
-from .signals import PreemptionFlag
 
 
 def rank_env_from_submitit() -> RankEnv:

@@ -21,17 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import rng, storage
+from ..checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
 from ..data import ImageDataset, ShardedLoader
 from ..diffusion.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
+from ..dist.batch import choose_microbatch, per_rank_batch
+from ..dist.env import RankEnv
+from ..dist.signals import any_rank
 from ..errors import RunFailed, UserError
 from ..factory import create_any_model_and_diffusion
-from ..launch.batch import choose_microbatch, per_rank_batch
-from ..launch.env import RankEnv
-from ..launch.signals import any_rank
 from ..precision import autocast
 from ..visualize import plot_losses
 from ..weights import load_weights
-from .checkpoint import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
 from .ema import EMA
 from .metrics import MetricsLog, StepStats
 from .preview import preview_grid

@@ -6,8 +6,8 @@ import warnings
 import torch
 
 from .. import rng
+from ..diffusion.draw import draw_images
 from ..factory import diffusion_from_flags
-from ..sample import draw_images
 from ..visualize import image_grid
 
 

@@ -12,13 +12,9 @@ import blobfile as bf
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-import datetime
-import os
-
 from .. import storage
 from ..errors import UserError, brief
-from ..run_dir import RunDir
-from .spec import KINDS, Job, JobSpec
+from .schema import KINDS, Job, JobSpec
 
 _ADAPTER = TypeAdapter(JobSpec)
 MAX_SPEC_BYTES = 1 << 20  # the paper's specs are about 1 kB
@@ -214,52 +210,3 @@ def _line_of(text, loc):
         line = match[0].start_mark.line + 1
         node = match[1]
     return line
-
-
-# ----------------------------------------------------------------------------- run dirs
-def check_run_dir(spec: Job, force_new: bool = False) -> None:
-    """Refuse a run dir that is neither absent, empty, nor idiff's own run of this spec; writes nothing."""
-    run_dir = RunDir(spec.run_dir)
-    if storage.exists(run_dir.path) and not storage.isdir(run_dir.path):
-        raise SpecError(f"run_dir {run_dir.path} is a file, not a folder; choose another run_dir")
-    contents = run_dir.contents()
-    if not contents:
-        return
-    if not run_dir.is_owned():
-        listed = ", ".join(map(brief, contents[:3])) + (", ..." if len(contents) > 3 else "")
-        found = "a spec.yaml that idiff did not write" if "spec.yaml" in contents else listed
-        raise SpecError(f"run_dir {run_dir.path} is not empty and not an idiff run dir (it holds {found}); idiff "
-                        f"writes only into an empty folder or a run dir it made: choose another run_dir")
-    if force_new:
-        if storage.is_remote(run_dir.path):
-            raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
-        return
-    previous = parse_spec({**run_dir.saved_spec(), "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
-    if previous.run_hash() != spec.run_hash():
-        exclude = {"resources", "run_dir"}
-        changed = _differences(previous.model_dump(mode="json", exclude=exclude),
-                               spec.model_dump(mode="json", exclude=exclude))
-        raise SpecError(
-            f"{run_dir.path} holds a run of another spec (changed: {', '.join(changed[:8])}); resume it with "
-            f"the identical spec, choose another run_dir, or pass --force-new to move the old run aside"
-        )
-
-
-def claim_run_dir(spec: Job, force_new: bool = False) -> RunDir:
-    """Take the run dir for ``spec`` (rank 0, or idiff-submit before the job exists): mark it as this run's,
-    moving a previous run aside with ``force_new``."""
-    check_run_dir(spec, force_new)
-    run_dir = RunDir(spec.run_dir)
-    if force_new and run_dir.is_owned():
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
-    storage.makedirs(run_dir.path)
-    run_dir.write_spec(dump_spec(spec))
-    return run_dir
-
-
-def _differences(a, b, prefix="") -> list[str]:
-    keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else []
-    if not keys:
-        return [prefix.rstrip(".")] if a != b else []
-    return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]

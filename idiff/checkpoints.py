@@ -17,8 +17,8 @@ import signal
 import threading
 import warnings
 
-from .. import storage
-from ..errors import RunFailed
+from . import storage
+from .errors import RunFailed
 
 _MANIFEST = re.compile(r"^checkpoint(\d{6,})\.json$")
 _STEP_FILE = re.compile(r"^(?:model|opt|state|ema_[0-9.e-]+_)(\d{6,})\.pt$")

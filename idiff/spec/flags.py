@@ -12,8 +12,8 @@ import warnings
 
 from pydantic.fields import FieldInfo
 
-from .io import SpecError
-from .spec import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainSection
+from .load import SpecError
+from .schema import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainSection
 
 SECTIONS = {"train": TrainSection, "sample": SampleSection, "evaluate": EvaluateSection}
 

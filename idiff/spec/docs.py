@@ -4,8 +4,15 @@ import typing
 
 from pydantic import BaseModel
 
-from .spec import (ContainerSection, DiffusionSection, EvaluateSection, ModelSection, Resources, SampleSection,
-                   TrainSection)
+from .schema import (
+    ContainerSection,
+    DiffusionSection,
+    EvaluateSection,
+    ModelSection,
+    Resources,
+    SampleSection,
+    TrainSection,
+)
 
 SECTIONS = [
     ("model", ModelSection), ("diffusion", DiffusionSection), ("train", TrainSection),

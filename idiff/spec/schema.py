@@ -10,10 +10,9 @@ import json
 import math
 import os
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from ..diffusion.ode_samplers import SPACINGS, resolve_spacing
 from ..diffusion.respace import parse_respacing, space_timesteps
@@ -119,7 +118,7 @@ class DiffusionSection(Section):
     @model_validator(mode="after")
     def _chain_is_valid(self):
         betas = get_named_beta_schedule(self.noise_schedule, self.diffusion_steps)
-        if not (0 < betas.min() and betas.max() <= 1):
+        if not (betas.min() > 0 and betas.max() <= 1):
             raise ValueError(f"the {self.noise_schedule} schedule with diffusion_steps {self.diffusion_steps} has betas "
                              f"up to {betas.max():.3g}; each must lie in (0, 1]: use more steps")
         check_respacing(self.timestep_respacing, self.diffusion_steps, "timestep_respacing")
@@ -523,5 +522,5 @@ class EvaluateJob(ModelJob):
         return self.evaluate
 
 
-JobSpec = Annotated[Union[TrainJob, SampleJob, EvaluateJob], Field(discriminator="kind")]
+JobSpec = Annotated[TrainJob | SampleJob | EvaluateJob, Field(discriminator="kind")]
 KINDS = {"train": TrainJob, "sample": SampleJob, "evaluate": EvaluateJob}
