@@ -30,4 +30,5 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
+	$(BIN)/ruff check .
 	$(BIN)/hadolint docker/Dockerfile

@@ -7,7 +7,8 @@ Each case is timed for idiff and for the original's compute choices re-created o
 (benchmarks/original_style.py), with the repetitions interleaved so that load from other processes hits
 both alike. Speedups are medians' ratios against the original's fp32 (> 1 is faster), measured here, and
 against timing.json's medians from the original's machine. Model FLOP/s are also given as a fraction of
-this machine's ceiling (the best of a large matmul and a large convolution). Writes JSON (default benchmarks/results/cpu.json).
+this machine's ceiling (the best of a large matmul and a large convolution).
+Writes JSON (default benchmarks/results/cpu.json).
 """
 
 import argparse
@@ -173,7 +174,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {args.threads} threads, ceiling (best of matmul and conv): fp32 "
           f"{ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s", flush=True)
     report = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-              "ceiling_gflop_per_s": ceilings, "baseline": {k: BASELINE[k] for k in ("implementation", "torch_version")},
+              "ceiling_gflop_per_s": ceilings,
+              "baseline": {k: BASELINE[k] for k in ("implementation", "torch_version")},
               "models": run_models(args, ceilings)}
     if "data" in args.only:
         report["data"] = run_script("data", out.parent)

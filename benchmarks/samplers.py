@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from idiff import weights
+from idiff.diffusion.draw import draw_samples
 from idiff.diffusion.ode_samplers import SPACINGS, level_at
 from idiff.diffusion.samplers import ODE_SAMPLERS
 from idiff.factory import diffusion_from_flags
-from idiff.diffusion.draw import draw_samples
 from idiff.spec.load import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,9 @@ PIXELS = 127.5  # [-1, 1] -> 0-255 units
 def train_demo(run: str) -> None:
     """The demo model as `make demo` trains it (an existing run resumes, a finished one stops at once)."""
     if not (ROOT / "data" / "synthetic").is_dir():
-        subprocess.run([sys.executable, "-m", "idiff.cli", "data", "synthetic", "--out", str(ROOT / "data" / "synthetic"),
-                        "--n", "512", "--image-size", "32", "--classes", "4"], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "idiff.cli", "data", "synthetic",
+                        "--out", str(ROOT / "data" / "synthetic"), "--n", "512", "--image-size", "32",
+                        "--classes", "4"], check=True, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "idiff.cli", "train", "jobs/demo.yaml", "--set", f"run_dir={run}"],
                    check=True, cwd=ROOT)
 
@@ -115,7 +116,8 @@ def run(args):
     first_step_in_one, _ = draw("dpmpp_3m", steps, "logsnr_uniform")
     ddim_all, _ = draw("ddim", diffusion.num_timesteps)
     ref = {"sampler": "dpmpp_3m", "steps": steps, "rmse_to_half_as_many_steps": rmse(reference, coarser),
-           "first_step_in_one_rmse": rmse(first_step_in_one, reference), "ddim_all_steps_rmse": rmse(ddim_all, reference),
+           "first_step_in_one_rmse": rmse(first_step_in_one, reference),
+           "ddim_all_steps_rmse": rmse(ddim_all, reference),
            "seconds_per_image": seconds / args.images}
     floor = max(ref["rmse_to_half_as_many_steps"], ref["first_step_in_one_rmse"])
     report = {"run": args.run, "images": args.images, "image_size": flags["image_size"], "threads": args.threads,

@@ -98,7 +98,7 @@ class ShardedLoader:
     """Endless batches of this rank's share of the global stream, on ``device``; resumable."""
 
     def __init__(self, dataset: ImageDataset, global_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0, device=torch.device("cpu"), shuffle: bool = True,
+                 seed: int = 0, num_workers: int = 0, device="cpu", shuffle: bool = True,
                  prefetch_factor: int = 2):
         assert global_batch % world_size == 0, f"global batch {global_batch} does not split over {world_size} ranks"
         assert 0 <= rank < world_size, f"rank {rank} outside world size {world_size}"
@@ -160,7 +160,8 @@ class ShardedLoader:
         return torch.utils.data.DataLoader(
             StreamReader(self.dataset), batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=self.prefetch_factor if workers else None, worker_init_fn=worker_leaves_preemption_to_parent,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=worker_leaves_preemption_to_parent,
             # Workers draw nothing at random; an own generator only keeps the global torch RNG
             # untouched, which bit-exact resume needs.
             generator=torch.Generator().manual_seed(self.seed))

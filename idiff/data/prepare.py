@@ -111,7 +111,7 @@ def _cifar_batch(batch, where: str, num_classes: int) -> tuple[np.ndarray, list[
 def cifar10(src: str, out: str, split: str = "train") -> int:
     """The python-pickle tarball as ``<class>_<index within split>.png`` files; returns the count."""
     try:
-        tar = tarfile.open(src, "r:*")
+        tar = tarfile.open(src, "r:*")  # noqa: SIM115 (closed by the with below; opened apart for its own message)
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"cannot open the CIFAR-10 tarball {src}: {e}") from None
     with tar, staged_output(out) as staging:

@@ -7,6 +7,8 @@ source to make each image independent of the batch it is drawn in. The ODE sampl
 ``ode_samplers`` draw none and take ``steps`` and ``spacing`` as options.
 """
 
+import collections
+
 import torch
 from tqdm.auto import tqdm
 
@@ -50,7 +52,5 @@ MIN_STEPS = {"ancestral": 1, "ddim": 1, "dpmpp_2m": 3, "dpmpp_3m": 4, "heun": 3}
 
 def sample(name, diffusion, model, x, **kwargs):
     """Run sampler ``name`` to the end and return x_0."""
-    final = None
-    for final in SAMPLERS[name](diffusion, model, x, **kwargs):
-        pass
+    (final,) = collections.deque(SAMPLERS[name](diffusion, model, x, **kwargs), maxlen=1)  # keeps the last step only
     return final["sample"]

@@ -50,7 +50,8 @@ def detect_rank_env(environ=None) -> RankEnv:
     if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
         return RankEnv(
             rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)), launcher=env.get("IDIFF_LAUNCHER", "torchrun"), master_addr=env["MASTER_ADDR"],
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)), launcher=env.get("IDIFF_LAUNCHER", "torchrun"),
+            master_addr=env["MASTER_ADDR"],
             master_port=int(env.get("MASTER_PORT", 29500)),
         )
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
