@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import idiff
 from idiff.precision import autocast
 from idiff.train.ema import EMA
-from idiff.train.loop import accumulate_gradients, make_optimizer, optimizer_step
+from idiff.train.inputs import StepInputs
+from idiff.train.optim import accumulate_gradients, apply_gradients, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"imagenet64": "imagenet64_uncond", "cifar10": "cifar10"}
@@ -33,11 +34,10 @@ def flags_of(name):
 def train_step(model, diffusion, opt, ema, scaler, x, precision):
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
     opt.zero_grad(set_to_none=True)
-    accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), torch.ones(x.shape[0], device=x.device),
-                         {}, microbatch=x.shape[0], scaler=scaler, mixed_precision=autocast(x.device, precision))
-    scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    optimizer_step(opt, scaler, skip=~torch.isfinite(norm))
+    inputs = StepInputs(x, t, torch.randn_like(x), torch.ones(x.shape[0], device=x.device), {})
+    accumulate_gradients(model, diffusion, inputs, microbatch=x.shape[0], scaler=scaler,
+                         precision=autocast(x.device, precision))
+    apply_gradients(opt, scaler, list(model.parameters()))
     ema.update(model)
 
 
@@ -51,8 +51,9 @@ def measure(name, precision, batch, device, steps):
     size = flags_of(name)["image_size"]
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
-        accumulate_gradients(model, model, diffusion, x, torch.zeros(batch, dtype=torch.long, device=device),
-                             torch.randn_like(x), torch.ones(batch, device=device), {}, microbatch=batch)
+        inputs = StepInputs(x, torch.zeros(batch, dtype=torch.long, device=device), torch.randn_like(x),
+                            torch.ones(batch, device=device), {})
+        accumulate_gradients(model, diffusion, inputs, microbatch=batch)
     for _ in range(3):
         train_step(model, diffusion, opt, ema, scaler, x, precision)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

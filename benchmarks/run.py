@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import idiff
 from idiff.precision import autocast
-from idiff.train.loop import accumulate_gradients, make_optimizer
+from idiff.train.inputs import StepInputs
+from idiff.train.optim import accumulate_gradients, make_optimizer
 
 from .original_style import original_optimizer, original_style
 
@@ -75,13 +76,13 @@ def make_case(case, flags, precision, original):
             with style():
                 opt.zero_grad(set_to_none=True)
                 t = torch.randint(0, diffusion.num_timesteps, (8,))
-                accumulate_gradients(model, model, diffusion, x, t, torch.randn_like(x), ones, {}, microbatch=8,
-                                     mixed_precision=autocast("cpu", precision))
+                accumulate_gradients(model, diffusion, StepInputs(x, t, torch.randn_like(x), ones, {}), microbatch=8,
+                                     precision=autocast("cpu", precision))
                 opt.step()
 
         def flops_of():
-            accumulate_gradients(model, model, diffusion, x, torch.zeros(8, dtype=torch.long), torch.randn_like(x),
-                                 ones, {}, microbatch=8)
+            inputs = StepInputs(x, torch.zeros(8, dtype=torch.long), torch.randn_like(x), ones, {})
+            accumulate_gradients(model, diffusion, inputs, microbatch=8)
             model.zero_grad(set_to_none=True)
         return run, count_flops(flops_of)
     model.eval()

@@ -22,6 +22,7 @@ class Stream(enum.IntEnum):
     PREVIEW = 6
     PROCESS = 7
     SYNTHETIC = 8
+    DROPOUT = 9
 
 
 def derive_seed(*keys: int) -> int:

@@ -10,6 +10,7 @@ from .checkpoints import CheckpointStore, checkpoint_files
 from .errors import UserError, brief
 from .factory import create_any_model_and_diffusion
 from .models import ArchitectureMismatch
+from .models.state_dict_check import check_state_dict
 from .run_dir import RunDir
 from .spec.schema import check_respacing
 
@@ -37,25 +38,57 @@ class Weights:
 
 
 def load_weights(model, path, field: str) -> None:
-    """Load the weights file ``path`` (which the spec's ``field`` names) into ``model``.
+    """Load the weights file ``path`` (which the spec's ``field`` names) into ``model``."""
+    model.load_state_dict(read_weights(model, path, field))
+
+
+def read_weights(model, path, field: str) -> dict:
+    """The state dict in ``path``, checked to fit ``model`` (a model or EMA file: both are model-shaped)."""
+    state = read_torch(path, field)
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{field}: {path} holds a {type(state).__name__}, not a plain state dict of tensors")
+    try:
+        check_state_dict(model, state)
+    except ArchitectureMismatch as err:
+        raise UserError(f"{field}: {path}: {err}") from None
+    return state
+
+
+def read_torch(path, field: str):
+    """What the torch file ``path`` (which the spec's ``field`` names) holds.
 
     A weights file is untrusted: it is read with weights_only=True, which refuses pickled code, and a file
-    that is truncated, corrupt, of another kind or of another architecture is the user's error.
+    that is truncated, corrupt or of another kind is the user's error.
     """
     if not storage.exists(path):
         raise UserError(f"{field}: {path} does not exist")
     try:
-        state = storage.load_torch(path)
+        return storage.load_torch(path)
     except Exception as err:  # torch's readers raise whatever the malformed bytes lead them to
         raise UserError(f"{field}: {path} cannot be loaded as a checkpoint: it is truncated, corrupt, not a PyTorch "
                         f"file, or holds pickled objects besides tensors, which idiff refuses "
                         f"({type(err).__name__})") from None
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise UserError(f"{field}: {path} holds a {type(state).__name__}, not a plain state dict of tensors")
+
+
+def load_optimizer_state(opt, path, field: str) -> None:
+    """The optimizer state in ``path`` (an ``opt*.pt`` of the original or of idiff) into ``opt``.
+
+    Only the per-parameter state (moments, step counts) comes from the file; the settings (weight decay,
+    betas, fused) stay those of ``opt``, i.e. of the spec. Setting them before loading lets torch put the
+    step counts where those settings want them (on the GPU for the fused AdamW).
+    """
+    state = read_torch(path, field)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    params = [p for group in opt.param_groups for p in group["params"]]
     try:
-        model.load_state_dict(state)
-    except ArchitectureMismatch as err:
-        raise UserError(f"{field}: {path}: {err}") from None
+        groups = [{**saved, **own} for saved, own in zip(state["param_groups"], settings, strict=True)]
+        misshaped = [i for i, moments in state["state"].items()
+                     if moments["exp_avg"].shape != params[i].shape]
+        if misshaped:
+            raise ValueError(f"the moments of parameter {misshaped[0]} do not have its shape")
+        opt.load_state_dict({**state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise UserError(f"{field}: {path} is not an AdamW state of this model ({brief(str(err))})") from None
 
 
 def resolve(spec, source) -> Weights:
@@ -63,13 +96,11 @@ def resolve(spec, source) -> Weights:
     if source.model_path:
         return Weights(spec.model_flags(), source.model_path, field=f"{spec.kind}.model_path")
 
-    from .spec.load import parse_spec
-
     run = RunDir(source.from_run)
     saved = run.saved_spec()
     if saved is None or saved.get("kind") != "train":
         raise UserError(f"from_run: {source.from_run} is not a training run dir (no train spec.yaml)")
-    train_spec = parse_spec({**saved, "run_dir": run.path}, source=run / "spec.yaml")
+    train_spec = run.saved_job()
     store = CheckpointStore(run.checkpoints)
     step = store.latest_complete() if source.checkpoint == "latest" else source.checkpoint
     if step is None:
@@ -91,7 +122,7 @@ def resolve(spec, source) -> Weights:
     flags = train_spec.model_flags()
     if getattr(spec, "diffusion", None) is not None:
         flags.update(spec.diffusion.model_dump())
-    return Weights(flags, store.path(name), _class_names(run / "classes.json"), field=f"{spec.kind}.from_run")
+    return Weights(flags, store.path(name), _class_names(run.classes_file), field=f"{spec.kind}.from_run")
 
 
 def _class_names(path) -> list[str] | None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import idiff, tiny_spec, write_spec
+from conftest import assert_same_tensors, final_files, idiff, load, tiny_spec, write_spec
 
+from idiff.checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files
 from idiff.cli import main
 from idiff.errors import RunFailed
-from idiff.checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files
 
 SAVE, STEPS = 4, 8
 
@@ -196,3 +196,21 @@ def test_garbage_lines_and_a_bad_manifest_do_not_crash_status_or_a_resume(finish
     assert f"start at step {SAVE}" in resumed.stderr and "Traceback" not in resumed.stderr
     assert resumed.stderr.count("skipped 2 unreadable line(s)") == 1  # warned once, not at every save
     assert logged_steps(run_dir) == (list(range(1, STEPS + 1)), list(range(1, STEPS + 1)))
+
+
+def test_a_checkpoint_of_an_earlier_version_holding_rng_states_still_resumes_exactly(finished_run, tmp_path):
+    """Earlier versions saved every rank's torch, numpy and python RNG states in state{S}.pt; they are ignored
+    now (dropout is reseeded from the step), and the run still ends as an uninterrupted one."""
+    run_dir, spec_path = copied(finished_run, tmp_path)
+    store = CheckpointStore(run_dir / "checkpoints")
+    (run_dir / "checkpoints" / "checkpoint000008.json").unlink()
+    files = checkpoint_files(SAVE, [0.9, 0.99])
+    payloads = {name: load(store.path(name)) for name in files.values()}
+    payloads[files["state"]]["rng"] = [{"torch": torch.get_rng_state(),
+                                        "numpy": {"key": torch.zeros(624, dtype=torch.int64), "pos": 624},
+                                        "python": {"version": 3, "internal": [0] * 625, "gauss": None}}]
+    manifest = store.manifest(SAVE)
+    store.write(SAVE, payloads, {k: v for k, v in manifest.items() if k not in ("step", "files")})
+    resumed = idiff("train", spec_path)
+    assert f"start at step {SAVE}" in resumed.stderr
+    assert_same_tensors(final_files(run_dir, STEPS), final_files(finished_run[0], STEPS))

@@ -1,4 +1,5 @@
-"""The sample grid written at each save: a short DDIM chain from the EMA weights, fixed seeds."""
+"""Rank 0's pictures at each checkpoint: a sample grid (a short DDIM chain from the EMA weights, fixed seeds)
+and the loss curves."""
 
 import copy
 import warnings
@@ -11,13 +12,24 @@ from ..factory import diffusion_from_flags
 from ..visualize import image_grid
 
 
-def preview_grid(spec, ema, model, path, device, num_labels=None) -> None:
-    """From the first EMA rate's weights (the model's own without EMA); ``num_labels``: labels the data has
-    (class-conditional models get them round robin)."""
+def write_pictures(spec, *, step: int, run_dir, ema, model, device, num_labels, log) -> None:
+    """``samples_{step}.png`` (when train.sample_grid asks for one) and ``loss.png``, also to ``log``'s TensorBoard."""
+    if spec.train.sample_grid:
+        images = preview_grid(spec, ema, model, run_dir.preview(step), device, num_labels=num_labels)
+        if images is not None:
+            log.add_image("samples", images, step)
+    log.plot(run_dir.loss_plot)
+    log.flush()
+
+
+def preview_grid(spec, ema, model, path, device, num_labels=None):
+    """The grid's uint8 NHWC images, drawn from the first EMA rate's weights (the model's own without EMA), or
+    None for a model that cannot draw from noise alone. ``num_labels``: labels the data has (class-conditional
+    models get them round robin)."""
     cfg = spec.train
     if spec.model.is_super_res:
         warnings.warn("no sample grid for super-resolution models: they need low-resolution inputs", stacklevel=2)
-        return
+        return None
     ema_model = copy.deepcopy(model).eval()
     if ema.rates:
         with torch.no_grad():
@@ -31,3 +43,4 @@ def preview_grid(spec, ema, model, path, device, num_labels=None) -> None:
                             sampler="ddim", labels=labels, precision=cfg.precision, device=device,
                             stream=rng.Stream.PREVIEW)
     image_grid(images, path)
+    return images
