@@ -1,149 +1,162 @@
-"""Build a model and its diffusion from the original's flat flags (``script_util`` in the original)."""
+"""Build a model and its diffusion from the original's flat flags (the original's ``script_util``).
+
+Every default here is a field default of the spec's ModelSection and DiffusionSection, and every flag
+set is validated by them, so a flag means the same in a YAML spec, on the command line and here.
+"""
 
 import difflib
 
 from .diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, SpacedDiffusion
 from .diffusion.respace import space_timesteps
 from .diffusion.schedules import get_named_beta_schedule
+from .models.architecture import attention_factors, parse_channel_mult
 from .models.unet import SuperResModel, UNetModel
+from .spec.schema import DiffusionSection, ModelSection
 
-# Resolution -> channel multipliers of the paper's models; other sizes need an explicit channel_mult.
-DEFAULT_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
-DEFAULT_NUM_CLASSES = 1000  # ImageNet, the class-conditional checkpoints' label count
+# Every model and diffusion field of the spec with its default.
+SPEC_DEFAULTS = {name: field.get_default(call_default_factory=True)
+                 for section in (ModelSection, DiffusionSection) for name, field in section.model_fields.items()}
 
-# Beyond the original's 19 flags: architectures it cannot express.
-EXTRA_DEFAULTS = {"channel_mult": "", "num_classes": DEFAULT_NUM_CLASSES}
+# The original's 19 flags (its model_and_diffusion_defaults), in its order.
+ORIGINAL_FLAGS = (
+    "image_size", "num_channels", "num_res_blocks", "num_heads", "num_heads_upsample", "attention_resolutions",
+    "dropout", "learn_sigma", "sigma_small", "class_cond", "diffusion_steps", "noise_schedule", "timestep_respacing",
+    "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint",
+    "use_scale_shift_norm",
+)
+PLAIN_ONLY_FLAGS = ("image_size", "sigma_small")  # not flags of the original's super-resolution model
 
+# The drop-in API's only defaults that are not the spec's, both the original's (tests/test_defaults.py pins them):
+# - the super-resolution flags describe a 64 -> 256 px upsampler, while in the spec large_size and small_size
+#   default to None (= not a super-resolution model);
+# - create_gaussian_diffusion's keyword defaults of the two rescale flags are False, as in the original function,
+#   while the flags (and the spec) default to True.
+SUPER_RES_SIZE_DEFAULTS = {"large_size": 256, "small_size": 64}
+GAUSSIAN_DIFFUSION_RESCALE_DEFAULTS = {"rescale_timesteps": False, "rescale_learned_sigmas": False}
 
-def model_and_diffusion_defaults():
-    """The original's 19 flags and defaults."""
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-    )
+NUM_CLASSES = SPEC_DEFAULTS["num_classes"]
 
 
-def sr_model_and_diffusion_defaults():
-    """The original's flags of the super-resolution model: no image_size or sigma_small, plus sizes."""
-    res = model_and_diffusion_defaults()
-    del res["image_size"], res["sigma_small"]
-    res.update(large_size=256, small_size=64)
-    return res
+def model_and_diffusion_defaults() -> dict:
+    """The original's 19 flags and their defaults."""
+    return {name: SPEC_DEFAULTS[name] for name in ORIGINAL_FLAGS}
 
 
-def _complete(flags, defaults, factory):
-    allowed = {**defaults, **EXTRA_DEFAULTS}
-    for name in flags:
-        if name not in allowed:
-            close = difflib.get_close_matches(name, list(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"{factory}() got an unknown flag {name!r}{hint}")
-    return {**allowed, **flags}
+def sr_model_and_diffusion_defaults() -> dict:
+    """The original's flags of the super-resolution model: no image_size or sigma_small, plus the two sizes."""
+    flags = {k: v for k, v in model_and_diffusion_defaults().items() if k not in PLAIN_ONLY_FLAGS}
+    return {**flags, **SUPER_RES_SIZE_DEFAULTS}
 
 
 def create_model_and_diffusion(**flags):
-    """(UNetModel, diffusion) from the original's flags; missing flags take their defaults."""
-    f = _complete(flags, model_and_diffusion_defaults(), "create_model_and_diffusion")
-    return create_model(f["image_size"], **_model_kwargs(f)), diffusion_from_flags(f)
+    """(UNetModel, diffusion) from the original's flags (and channel_mult, num_classes); missing flags take
+    their defaults."""
+    _refuse_unknown(flags, set(SPEC_DEFAULTS) - set(SUPER_RES_SIZE_DEFAULTS), "create_model_and_diffusion")
+    return _build(*_sections(flags))
 
 
 def sr_create_model_and_diffusion(**flags):
     """(SuperResModel, diffusion) from the original's super-resolution flags."""
-    f = _complete(flags, sr_model_and_diffusion_defaults(), "sr_create_model_and_diffusion")
-    return sr_create_model(f["large_size"], f["small_size"], **_model_kwargs(f)), diffusion_from_flags(f)
-
-
-def _model_kwargs(f):
-    names = ("num_channels", "num_res_blocks", "learn_sigma", "class_cond", "use_checkpoint", "attention_resolutions",
-             "num_heads", "num_heads_upsample", "use_scale_shift_norm", "dropout", "channel_mult", "num_classes")
-    return {name: f[name] for name in names}
-
-
-def diffusion_from_flags(f):
-    return create_gaussian_diffusion(
-        steps=f["diffusion_steps"], learn_sigma=f["learn_sigma"], sigma_small=f.get("sigma_small", False),
-        noise_schedule=f["noise_schedule"], use_kl=f["use_kl"], predict_xstart=f["predict_xstart"],
-        rescale_timesteps=f["rescale_timesteps"], rescale_learned_sigmas=f["rescale_learned_sigmas"],
-        timestep_respacing=f["timestep_respacing"],
-    )
+    _refuse_unknown(flags, set(SPEC_DEFAULTS) - set(PLAIN_ONLY_FLAGS), "sr_create_model_and_diffusion")
+    return _build(*_sections({**SUPER_RES_SIZE_DEFAULTS, **flags}))
 
 
 def create_any_model_and_diffusion(flags: dict):
-    """The super-resolution model when the flags give ``large_size``, else the plain UNet."""
-    if flags.get("large_size") is not None or flags.get("small_size") is not None:
-        flags = {k: v for k, v in flags.items() if k not in ("image_size", "sigma_small")}
-        return sr_create_model_and_diffusion(**flags)
-    flags = {k: v for k, v in flags.items() if k not in ("large_size", "small_size")}
-    return create_model_and_diffusion(**flags)
+    """The super-resolution model when the flags give ``large_size``, else the plain UNet; the flags are any
+    model and diffusion fields of the spec, validated by it."""
+    _refuse_unknown(flags, set(SPEC_DEFAULTS), "create_any_model_and_diffusion")
+    return _build(*_sections(flags))
 
 
-def parse_channel_mult(channel_mult, image_size) -> tuple[int, ...]:
-    if isinstance(channel_mult, str) and channel_mult.strip():
-        try:
-            return tuple(int(part) for part in channel_mult.split(","))
-        except ValueError:
-            raise ValueError(f"channel_mult must be comma-separated integers like '1,2,2,2', got {channel_mult!r}") from None
-    if channel_mult and not isinstance(channel_mult, str):
-        return tuple(int(m) for m in channel_mult)
-    if image_size not in DEFAULT_CHANNEL_MULT:
-        known = ", ".join(map(str, sorted(DEFAULT_CHANNEL_MULT)))
-        raise ValueError(
-            f"image_size {image_size} has no default channel multipliers (only {known} do); "
-            f"pass channel_mult, e.g. channel_mult='1,2,2,2' (one entry per resolution level)"
-        )
-    return DEFAULT_CHANNEL_MULT[image_size]
+def diffusion_from_flags(flags: dict):
+    """The diffusion alone of a spec's model and diffusion flags."""
+    _refuse_unknown(flags, set(SPEC_DEFAULTS), "diffusion_from_flags")
+    return _diffusion_from_sections(*_sections(flags))
 
 
-def _attention_factors(attention_resolutions, image_size):
-    """Resolutions such as "16,8" -> the downsample factors at which the UNet attends."""
-    return tuple(image_size // int(res) for res in str(attention_resolutions).split(",") if res.strip())
+def create_model(image_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
+                 attention_resolutions, num_heads, num_heads_upsample, use_scale_shift_norm, dropout, **extra):
+    """The original's ``create_model``, arguments in its order; ``extra``: channel_mult, num_classes."""
+    return model_from_section(ModelSection(
+        image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks, learn_sigma=learn_sigma,
+        class_cond=class_cond, use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions,
+        num_heads=num_heads, num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout, **extra))
 
 
-def create_model(image_size, num_channels, num_res_blocks, **kwargs):
-    return _create_unet(UNetModel, image_size, num_channels, num_res_blocks, **kwargs)
+def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
+                    attention_resolutions, num_heads, num_heads_upsample, use_scale_shift_norm, dropout, **extra):
+    """The original's ``sr_create_model``, arguments in its order; ``extra``: channel_mult, num_classes."""
+    return model_from_section(ModelSection(
+        large_size=large_size, small_size=small_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
+        learn_sigma=learn_sigma, class_cond=class_cond, use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions, num_heads=num_heads, num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, **extra))
 
 
-def sr_create_model(large_size, small_size, num_channels, num_res_blocks, **kwargs):
-    if small_size >= large_size:
-        raise ValueError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
-    return _create_unet(SuperResModel, large_size, num_channels, num_res_blocks, image_size=large_size, **kwargs)
-
-
-def _create_unet(cls, size, num_channels, num_res_blocks, *, learn_sigma=False, class_cond=False,
-                 attention_resolutions="16,8", channel_mult="", num_classes=DEFAULT_NUM_CLASSES, **unet_kwargs):
-    """``unet_kwargs``: dropout, num_heads, num_heads_upsample, use_scale_shift_norm, use_checkpoint."""
-    return cls(
+def model_from_section(model: ModelSection) -> UNetModel:
+    """The UNet a validated model section describes (a SuperResModel when it has large_size)."""
+    size = model.output_size
+    unet_kwargs = dict(
         in_channels=3,
-        model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_factors(attention_resolutions, size),
-        channel_mult=parse_channel_mult(channel_mult, size),
-        num_classes=num_classes if class_cond else None,
-        **unet_kwargs,
+        model_channels=model.num_channels,
+        out_channels=6 if model.learn_sigma else 3,
+        num_res_blocks=model.num_res_blocks,
+        attention_resolutions=attention_factors(model.attention_resolutions, size),
+        dropout=model.dropout,
+        channel_mult=parse_channel_mult(model.channel_mult, size),
+        num_classes=model.num_classes if model.class_cond else None,
+        use_checkpoint=model.use_checkpoint,
+        num_heads=model.num_heads,
+        num_heads_upsample=model.num_heads_upsample,
+        use_scale_shift_norm=model.use_scale_shift_norm,
+    )
+    if model.is_super_res:
+        return SuperResModel(image_size=size, **unet_kwargs)
+    return UNetModel(**unet_kwargs)
+
+
+def _refuse_unknown(flags: dict, allowed: set, caller: str) -> None:
+    for name in flags:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{caller}() got an unknown flag {name!r}{hint}")
+
+
+def _sections(flags: dict) -> tuple[ModelSection, DiffusionSection]:
+    """Flat flags -> the validated spec sections (a pydantic ValidationError, a ValueError, names a bad one)."""
+    return (ModelSection(**{k: v for k, v in flags.items() if k in ModelSection.model_fields}),
+            DiffusionSection(**{k: v for k, v in flags.items() if k in DiffusionSection.model_fields}))
+
+
+def _build(model: ModelSection, diffusion: DiffusionSection):
+    return model_from_section(model), _diffusion_from_sections(model, diffusion)
+
+
+def _diffusion_from_sections(model: ModelSection, diffusion: DiffusionSection):
+    return create_gaussian_diffusion(
+        steps=diffusion.diffusion_steps, learn_sigma=model.learn_sigma,
+        # The original's super-resolution diffusion has no sigma_small flag: its fixed variance is always beta_t.
+        sigma_small=diffusion.sigma_small and not model.is_super_res,
+        noise_schedule=diffusion.noise_schedule, use_kl=diffusion.use_kl, predict_xstart=diffusion.predict_xstart,
+        rescale_timesteps=diffusion.rescale_timesteps, rescale_learned_sigmas=diffusion.rescale_learned_sigmas,
+        timestep_respacing=diffusion.timestep_respacing,
     )
 
 
-def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear",
-                              use_kl=False, predict_xstart=False, rescale_timesteps=False,
-                              rescale_learned_sigmas=False, timestep_respacing=""):
+def create_gaussian_diffusion(
+    *,
+    steps=SPEC_DEFAULTS["diffusion_steps"],
+    learn_sigma=SPEC_DEFAULTS["learn_sigma"],
+    sigma_small=SPEC_DEFAULTS["sigma_small"],
+    noise_schedule=SPEC_DEFAULTS["noise_schedule"],
+    use_kl=SPEC_DEFAULTS["use_kl"],
+    predict_xstart=SPEC_DEFAULTS["predict_xstart"],
+    rescale_timesteps=GAUSSIAN_DIFFUSION_RESCALE_DEFAULTS["rescale_timesteps"],
+    rescale_learned_sigmas=GAUSSIAN_DIFFUSION_RESCALE_DEFAULTS["rescale_learned_sigmas"],
+    timestep_respacing=SPEC_DEFAULTS["timestep_respacing"],
+):
     """A SpacedDiffusion always (also without respacing), as in the original: the model wrapper
     that maps and rescales timesteps lives there."""
     betas = get_named_beta_schedule(noise_schedule, steps)

@@ -9,18 +9,15 @@ import pytest
 import torch
 from conftest import assert_refused, idiff, write_spec
 from PIL import Image
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from idiff.evaluate import fidelity_inputs, fidelity_metrics
 
 NUM_IMAGES = 4  # the fewest precision/recall takes: every image costs an Inception pass at 299 px
 
 
-class _UnloadedInception(FeatureExtractorInceptionV3):
-    """torch-fidelity's Inception with its weight loading skipped, for weights made up here."""
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
+def require_eval_extra():
+    """FID, IS and precision/recall need the eval extra; NLL and collecting this module do not."""
+    return pytest.importorskip("torch_fidelity", reason="needs the eval extra: pip install .[eval]")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +27,15 @@ def inception_weights(tmp_path_factory):
     He-initialised so that features keep their scale through 90-odd layers (PyTorch's default init
     shrinks them to ~1e-8, where FID drowns in rounding).
     """
+    require_eval_extra()
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _UnloadedInception(FeatureExtractorInceptionV3):
+        """torch-fidelity's Inception with its weight loading skipped, for weights made up here."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
     folder = tmp_path_factory.mktemp("inception")
     empty = folder / "empty.pth"
     torch.save({}, empty)
@@ -144,6 +150,7 @@ def test_bad_input_exits_2_and_writes_nothing(images, inception_weights, tmp_pat
 
 
 def test_without_a_configured_file_the_weights_are_looked_for_in_the_torch_hub_cache(images, tmp_path):
+    require_eval_extra()
     spec = evaluate_spec(tmp_path, "cache", metrics=["fid"], samples=images["sample_run"],
                          reference=images["reference"])
     assert_refused("evaluate", *spec, [f"put it in {tmp_path / 'torch' / 'hub' / 'checkpoints'}/"],

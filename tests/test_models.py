@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,17 +146,12 @@ def test_ddim_reverse_step_moves_to_t_plus_1_along_the_predicted_noise():
         diffusion.ddim_reverse_sample(model, x, t, eta=0.5)
 
 
-def test_loss_aware_sampler_gathers_the_losses_of_every_rank(tmp_path):
-    import torch.distributed as dist
-
+def test_loss_aware_sampler_is_fed_the_batch_in_order():
     from idiff.diffusion import LossSecondMomentResampler
+    from idiff.train.inputs import feed_sampler
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        sampler = LossSecondMomentResampler(SimpleNamespace(num_timesteps=3), history_per_term=1)
-        sampler.update_with_local_losses(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))
-    finally:
-        dist.destroy_process_group()
+    sampler = LossSecondMomentResampler(SimpleNamespace(num_timesteps=2), history_per_term=2)
+    feed_sampler(sampler, t=torch.tensor([0, 1, 0, 1]), losses=torch.tensor([1.0, 3.0, 2.0, 4.0]), rank=0,
+                 world_size=1)
     assert sampler._warmed_up()
-    torch.testing.assert_close(torch.from_numpy(sampler.probabilities()),
-                               torch.tensor([1, 2, 3], dtype=torch.float64) / 6 * 0.999 + 0.001 / 3)
+    np.testing.assert_array_equal(sampler._loss_history, [[1.0, 2.0], [3.0, 4.0]])

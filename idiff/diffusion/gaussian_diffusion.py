@@ -341,8 +341,6 @@ class GaussianDiffusion:
             self._call_model(model, x_t, t, model_kwargs), x_start, x_t, t, clip_denoised=clip_denoised
         )
 
-    _vb_terms_bpd = vb_terms_bpd  # the original's name
-
     def _vb_terms_from_output(self, model_output, x_start, x_t, t, *, clip_denoised):
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised=clip_denoised)
@@ -390,8 +388,6 @@ class GaussianDiffusion:
         t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / _LOG2
-
-    _prior_bpd = prior_bpd  # the original's name
 
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, noise_fn=None, progress=False):
         """The full VLB in bits/dim, with its per-timestep terms.

@@ -9,7 +9,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 
@@ -31,12 +30,6 @@ class ScheduleSampler(ABC):
         w = self.weights()
         return w / np.sum(w)
 
-    def sample(self, batch_size, device):
-        """Draw timesteps with numpy's global RNG, as the original does: (t, importance weights)."""
-        p = self.probabilities()
-        t = np.random.choice(len(p), size=(batch_size,), p=p)
-        return self._with_weights(t, p, device)
-
     def sample_from_uniforms(self, uniforms, device):
         """Timesteps for given U[0, 1) draws, one per example: (t, importance weights).
 
@@ -46,10 +39,6 @@ class ScheduleSampler(ABC):
         p = self.probabilities()
         cdf = np.cumsum(p)
         t = np.minimum(np.searchsorted(cdf, np.asarray(uniforms, dtype=np.float64) * cdf[-1], side="right"), len(p) - 1)
-        return self._with_weights(t, p, device)
-
-    @staticmethod
-    def _with_weights(t, p, device):
         weights = 1 / (len(p) * p[t])
         return (torch.from_numpy(np.asarray(t, dtype=np.int64)).to(device),
                 torch.from_numpy(weights).float().to(device))
@@ -58,7 +47,8 @@ class ScheduleSampler(ABC):
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state:  # what a stateless sampler saved is empty: this is another sampler's state
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {', '.join(sorted(state))}")
 
 
 class UniformSampler(ScheduleSampler):
@@ -71,17 +61,6 @@ class UniformSampler(ScheduleSampler):
 
 
 class LossAwareSampler(ScheduleSampler):
-    def update_with_local_losses(self, local_ts, local_losses):
-        """Update from this rank's losses after gathering every rank's, in rank order."""
-        if dist.is_available() and dist.is_initialized():
-            pairs = [None] * dist.get_world_size()
-            dist.all_gather_object(pairs, (local_ts.tolist(), local_losses.tolist()))
-            timesteps = [t for ts, _ in pairs for t in ts]
-            losses = [loss for _, ls in pairs for loss in ls]
-        else:
-            timesteps, losses = local_ts.tolist(), local_losses.tolist()
-        self.update_with_all_losses(timesteps, losses)
-
     @abstractmethod
     def update_with_all_losses(self, ts, losses):
         """Record the losses of the whole (global) batch; every rank must call this identically."""

@@ -64,7 +64,8 @@ class UNetModel(nn.Module):
             return ResBlock(in_ch, emb_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint,
                             use_scale_shift_norm=use_scale_shift_norm)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):

@@ -36,6 +36,24 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
 
 
+def add_dict_to_argparser(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """One ``--name`` option per entry, parsed as the default's type (booleans by str2bool; a None default
+    takes the string given), as the original's scripts build their parsers."""
+    for name, default in defaults.items():
+        if isinstance(default, bool):
+            parse = str2bool
+        elif default is None:
+            parse = str
+        else:
+            parse = type(default)
+        parser.add_argument(f"--{name}", default=default, type=parse)
+
+
+def args_to_dict(args: argparse.Namespace, names) -> dict:
+    """The parsed values of ``names``, e.g. ``model_and_diffusion_defaults().keys()``."""
+    return {name: getattr(args, name) for name in names}
+
+
 def flag_fields(kind: str) -> dict[str, tuple[str, FieldInfo]]:
     """Flag name -> (section, field). The job's own section wins a name clash (sample.timestep_respacing)."""
     fields = {}
@@ -92,7 +110,7 @@ def _apply_legacy(nested, name, raw):
     if name == "use_fp16" and str2bool(raw):
         nested.setdefault("train", {})["precision"] = "fp16"
     elif name == "fp16_scale_growth":
-        warnings.warn("--fp16_scale_growth is ignored: torch.amp.GradScaler grows the loss scale itself")
+        warnings.warn("--fp16_scale_growth is ignored: torch.amp.GradScaler grows the loss scale itself", stacklevel=2)
 
 
 def merge(base: dict, fragment: dict) -> dict:
@@ -105,9 +123,7 @@ def merge(base: dict, fragment: dict) -> dict:
 def spec_from_flags(kind: str, fragment: dict) -> dict:
     """A whole spec from flags alone; its name is a digest of them, so re-running the same command
     (on every rank of an mpiexec launch, or after a crash) finds the same run_dir."""
-    data = {"kind": kind, "model": {}, "diffusion": {}, **fragment}
-    if kind == "evaluate":
-        data.setdefault("evaluate", {}).setdefault("metrics", ["nll"])
+    data = {"kind": kind, "model": {}, "diffusion": {}, kind: {}, **fragment}
     if "name" not in data:
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
         data["name"] = f"{kind}-{digest}"
