@@ -27,7 +27,7 @@ demo: install data/synthetic
 
 test: install
 	$(BIN)/idiff validate jobs/*.yaml
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -75,6 +75,8 @@ def _run(args, argv) -> int:
 def _validate(args, argv) -> int:
     from .spec.load import load_spec
 
+    if args.chain:
+        return _validate_chain(args)
     failed = 0
     for path in args.specs:
         try:
@@ -85,6 +87,18 @@ def _validate(args, argv) -> int:
             continue
         print(f"{path}: ok: {spec_summary(spec)}")
     return 2 if failed else 0
+
+
+def _validate_chain(args) -> int:
+    """What idiff-submit checks before it submits the specs as a chain; raises UserError (exit 2)."""
+    from .launch.chain import check_chain, load_chain
+
+    stages = load_chain(args.specs, args.overrides)
+    check_chain(stages)
+    for stage in stages:
+        print(f"{stage.label}: ok: {spec_summary(stage.spec)}")
+    print("chain ok: every path a stage reads is written by an earlier stage or exists")
+    return 0
 
 
 def spec_summary(spec) -> str:
@@ -136,7 +150,7 @@ def spec_from_job_arguments(kind: str, words: list[str], prog: str):
 def _status(args, argv) -> int:
     from .status import print_status
 
-    return print_status(args.run_dir)
+    return print_status(args.run_dir, verify=args.verify, watch=args.watch)
 
 
 def _srun_prefix(args, argv) -> int:
@@ -168,15 +182,26 @@ def make_parser() -> argparse.ArgumentParser:
         _add_run_command(sub, kind)
     p = sub.add_parser("validate", help="check specs; one summary line each")
     p.add_argument("specs", nargs="+", help="spec files")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a spec value (with --chain: in the training stages)")
+    p.add_argument("--chain", action="store_true", help=(
+        "the specs are one chain, in order (as idiff-submit A B C submits them): also check that every path a "
+        "stage reads is written by an earlier stage or exists"))
     p.set_defaults(handler=_validate)
     p = sub.add_parser("spec", help="print the spec a flag invocation means, or the spec reference")
     p.add_argument("--from-flags", dest="kind", choices=RUN_KINDS, help="the job kind whose flags follow")
     p.add_argument("--docs", action="store_true", help="print the spec reference (markdown)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema")
     p.set_defaults(handler=_spec)
-    p = sub.add_parser("status", help="step, checkpoints, last loss and job history of a run")
+    p = sub.add_parser("status", help="where a run or its chain stands: Slurm state, progress, ETA, checkpoints",
+                       description="Where a run stands (or, for a stage of a chain, the whole chain): each Slurm "
+                                   "job's state and restarts, the step or images done, throughput and ETA, the last "
+                                   "checkpoint and the evaluations.")
     p.add_argument("run_dir")
+    p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                   help="print it again every SECONDS (default 10) until no job is queued or running")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint's files against its manifest's hashes (reads them all: slow)")
     p.set_defaults(handler=_status)
     p = sub.add_parser("srun-prefix", help="for slurm/*.sbatch: the container command of a job, one word a line",
                        description="Print the words that run KIND SPEC [OPTIONS] in the spec's resources.container "

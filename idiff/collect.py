@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .errors import UserError, guarded, report
+from .run_dir import RunDir
 from .shards import RANGE_MEMBER, Shard, npz_headers, range_problem, read_npz, scan_shards
 from .visualize import image_grid
 
@@ -94,7 +95,7 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     replaced without ``force``.
     """
     source = str(source)
-    folder = storage.join(source, "samples") if storage.isdir(storage.join(source, "samples")) else source
+    folder = RunDir(source).samples if storage.isdir(RunDir(source).samples) else source
     shards = scan_shards(folder)
     if not shards:
         raise UserError(f"{folder}: no sample shards (shard-XXXXXXXX-YYYYYYYY.npz)")
@@ -102,8 +103,8 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     image_shape, has_labels = _check_headers(shards)
     count = sum(s.end - s.start for s in shards)
     if output is None:
-        output = storage.join(output_dir or source, "samples_{}x{}x{}x{}.npz".format(count, *image_shape))
-        grid = storage.join(bf.dirname(output), "grid.png")
+        output = RunDir(output_dir or source).collected(count, *image_shape[:2])
+        grid = RunDir(bf.dirname(output)).grid
     else:
         output = str(output)
         grid = f"{output.removesuffix('.npz')}_grid.png"

@@ -24,6 +24,8 @@ from .data import ImageDataset, list_image_files
 from .dist.env import RankEnv
 from .dist.signals import any_rank
 from .errors import UserError
+from .progress import Progress
+from .run_dir import RunDir
 from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, scan_shards, write_shard
 
 FIDELITY_METRICS = {"fid": "fid", "inception_score": "isc", "precision_recall": "prc"}
@@ -48,14 +50,14 @@ def run_evaluate(spec, env: RankEnv, hooks) -> str:
         if _nll(nll, e, env, run_dir, hooks) == "preempted":
             return "preempted"
         if env.is_main:
-            results["nll"] = json.loads(storage.read_text(storage.join(run_dir.eval, "nll.json")))
+            results["nll"] = json.loads(storage.read_text(run_dir.nll_summary))
     if inputs is not None and env.is_main:
         results.update(fidelity_metrics(inputs, wanted, env.device))
         for metric in wanted:
             storage.atomic_write_text(storage.join(run_dir.eval, f"{metric}.json"),
                                       json.dumps(results[metric], indent=1))
     if env.is_main:
-        storage.atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=1))
+        storage.atomic_write_text(run_dir.metrics_file, json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     if env.world_size > 1:
         dist.barrier()
@@ -85,23 +87,27 @@ def _prepare_nll(spec, env) -> _NllSetup:
 
 
 def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
-    parts_dir = storage.join(run_dir.eval, "nll_parts")
+    parts_dir = run_dir.nll_parts
     part_arrays = _nll_part_arrays(setup.diffusion.num_timesteps)
     covered = complete_ranges(parts_dir, part_arrays, env)
     todo = [part for a, b in rank_ranges(setup.num, e.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
     show = env.is_main and sys.stderr.isatty()
-    with tqdm(total=sum(b - a for a, b in todo), desc="nll", unit="img", disable=not show) as bar:
-        for start, end in todo:
-            if hooks.should_suspend():
-                break  # parts written so far are kept; a rerun continues from them
-            out = {k: v.cpu().numpy() for k, v in _nll_part(setup, e, env.device, start, end, show).items()}
-            # Per image: the bpd; per timestep: sums over the part's images, so that the merge stays small.
-            part = {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
-                    **{f"{k}_sum": out[k].sum(axis=0, dtype=np.float64) for k in PER_TIMESTEP_TERMS}}
-            layout = part_arrays(start, end)
-            write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
-            bar.update(end - start)
+    # One line per part where no terminal shows a bar: rank 0's parts, whose pace is every rank's.
+    progress = Progress(sum(b - a for a, b in todo), desc="nll", unit="img", enabled=env.is_main, every=1)
+    bpd_sum, images = 0.0, 0  # rank 0's running mean, for the progress line
+    for start, end in todo:
+        if hooks.should_suspend():
+            break  # parts written so far are kept; a rerun continues from them
+        out = {k: v.cpu().numpy() for k, v in _nll_part(setup, e, env.device, start, end, show).items()}
+        # Per image: the bpd; per timestep: sums over the part's images, so that the merge stays small.
+        part = {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
+                **{f"{k}_sum": out[k].sum(axis=0, dtype=np.float64) for k in PER_TIMESTEP_TERMS}}
+        layout = part_arrays(start, end)
+        write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
+        bpd_sum, images = bpd_sum + float(out["total_bpd"].sum()), images + end - start
+        progress.update(end - start, bpd=bpd_sum / images)
+    progress.close()
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:
@@ -152,7 +158,7 @@ def _merge_nll(parts_dir, num, run_dir, num_timesteps) -> None:
              for k in PER_TIMESTEP_TERMS}
     buffer = io.BytesIO()
     np.savez(buffer, total_bpd=merged["total_bpd"], prior_bpd=merged["prior_bpd"], **terms)
-    storage.atomic_write_bytes(storage.join(run_dir.eval, "nll_terms.npz"), buffer.getvalue())
+    storage.atomic_write_bytes(run_dir.nll_terms, buffer.getvalue())
     summary = {
         "bpd": float(merged["total_bpd"].mean()),
         "bpd_stderr": float(merged["total_bpd"].std(ddof=1) / np.sqrt(num)) if num > 1 else None,
@@ -162,7 +168,7 @@ def _merge_nll(parts_dir, num, run_dir, num_timesteps) -> None:
         "note": "per image total_bpd/prior_bpd and per-timestep vb/mse/xstart_mse means in nll_terms.npz; "
                 "timestep index 0 is t = T-1",
     }
-    storage.atomic_write_text(storage.join(run_dir.eval, "nll.json"), json.dumps(summary, indent=1))
+    storage.atomic_write_text(run_dir.nll_summary, json.dumps(summary, indent=1))
 
 
 # ------------------------------------------------------------------------------ FID / IS / PR
@@ -190,7 +196,7 @@ def find_images(path, what: str) -> ImageSource:
                             f"name one of them")
         if collected:
             return find_images(storage.join(path, collected[0]), what)
-        if scan_shards(storage.join(path, "samples")):
+        if scan_shards(RunDir(path).samples):
             raise UserError(f"{what}: {path} has sample shards but no collected .npz; run `idiff-collect {path}`")
         return ImageSource(path, what, len(list_image_files(path)), None)
     if not storage.exists(path):

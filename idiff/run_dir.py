@@ -1,7 +1,18 @@
-"""The run directory: what a job owns and where each output lives.
+"""The run directory: what a job owns and where each output lives. Every file name of a run is here.
 
-``spec.yaml`` (the job as run) · ``checkpoints/`` · ``samples/`` · ``eval/`` · ``log.jsonl`` ·
-``progress.csv`` · ``jobs.jsonl`` (one line per start and end of a job: the run's history) · PNGs.
+| name | written by | what |
+|---|---|---|
+| ``spec.yaml`` | every job | the job as run; its first line marks the folder as idiff's |
+| ``jobs.jsonl`` | every job, idiff-submit | the history: one line per submission, start and end |
+| ``slurm/<job id>/`` | idiff-submit | submitit's batch script and each rank's output |
+| ``checkpoints/`` | train | ``model``/``ema_<rate>_``/``opt``/``state<step>.pt`` and their manifests |
+| ``log.jsonl``, ``progress.csv`` | train | one row per ``log_interval`` |
+| ``loss.png``, ``samples_<step>.png`` | train | the loss curve and a preview grid at each save |
+| ``tensorboard/`` | train | with ``train.tensorboard`` |
+| ``evals/<step>/``, ``evals.jsonl``, ``metrics.png`` | train | evaluations during training |
+| ``classes.json`` | train, sample | class names, in label order |
+| ``samples/``, ``samples_NxHxWx3.npz``, ``grid.png`` | sample | shards, what idiff-collect merges them into, a grid |
+| ``eval/``, ``metrics.json`` | evaluate | NLL parts and terms, and the results |
 
 idiff writes only into a folder that is absent or empty, or that it marked as its own: the first line
 of the ``spec.yaml`` it writes when it takes the folder is ``OWNER_MARK``. A folder of the user's own
@@ -31,30 +42,56 @@ class RunDir:
     def __truediv__(self, name) -> str:
         return storage.join(self.path, name)
 
-    @property
-    def checkpoints(self) -> str:
-        return self / "checkpoints"
+    # Every job.
+    spec_file = property(lambda self: self / "spec.yaml")
+    history_file = property(lambda self: self / "jobs.jsonl")
+    slurm = property(lambda self: self / "slurm")
+    classes_file = property(lambda self: self / "classes.json")
+    # Training.
+    checkpoints = property(lambda self: self / "checkpoints")
+    log_file = property(lambda self: self / "log.jsonl")
+    progress_file = property(lambda self: self / "progress.csv")
+    loss_plot = property(lambda self: self / "loss.png")
+    tensorboard = property(lambda self: self / "tensorboard")
+    evals_log = property(lambda self: self / "evals.jsonl")
+    evals_plot = property(lambda self: self / "metrics.png")
 
-    @property
-    def samples(self) -> str:
-        return self / "samples"
+    def preview(self, step: int) -> str:
+        return self / f"samples_{step:06d}.png"
 
-    @property
-    def eval(self) -> str:
-        return self / "eval"
+    def evaluation(self, step: int) -> str:
+        """The folder of the evaluation of checkpoint ``step`` during training."""
+        return storage.join(self / "evals", f"{step:06d}")
+
+    # Sampling.
+    samples = property(lambda self: self / "samples")
+    grid = property(lambda self: self / "grid.png")
+
+    def collected(self, num: int, height: int, width: int) -> str:
+        return self / f"samples_{num}x{height}x{width}x3.npz"
+
+    # Evaluation.
+    eval = property(lambda self: self / "eval")
+    metrics_file = property(lambda self: self / "metrics.json")
+    nll_parts = property(lambda self: storage.join(self.eval, "nll_parts"))
+    nll_terms = property(lambda self: storage.join(self.eval, "nll_terms.npz"))
+    nll_summary = property(lambda self: storage.join(self.eval, "nll.json"))
 
     def saved_spec(self) -> dict | None:
         """The mapping in ``spec.yaml`` (None without one), read as any untrusted spec: bounded, safe_load only."""
-        path = self / "spec.yaml"
-        return read_spec_data(path)[0] if storage.exists(path) else None
+        return read_spec_data(self.spec_file)[0] if storage.exists(self.spec_file) else None
+
+    def saved_job(self):
+        """The job in ``spec.yaml``, validated (None without one); a SpecError names the file."""
+        data = self.saved_spec()
+        return None if data is None else parse_spec({**data, "run_dir": self.path}, source=self.spec_file)
 
     def is_owned(self) -> bool:
         """Whether idiff took this folder: its spec.yaml carries the mark idiff writes, or (a run dir made
         before the mark existed) sits beside idiff's own job history."""
-        path = self / "spec.yaml"
-        if not storage.exists(path):
+        if not storage.exists(self.spec_file):
             return False
-        return storage.read_bytes(path).startswith(OWNER_MARK.encode()) or storage.exists(self / "jobs.jsonl")
+        return storage.read_bytes(self.spec_file).startswith(OWNER_MARK.encode()) or storage.exists(self.history_file)
 
     def contents(self) -> list[str]:
         """What the folder holds (idiff's leftover temporary files aside); empty when absent."""
@@ -63,16 +100,16 @@ class RunDir:
         return sorted(name for name in storage.listdir(self.path) if not storage.TEMPORARY.fullmatch(name))
 
     def write_spec(self, text: str) -> None:
-        storage.atomic_write_text(self / "spec.yaml", OWNER_MARK + text)
+        storage.atomic_write_text(self.spec_file, OWNER_MARK + text)
 
     def record(self, event: str, **fields) -> None:
         """Append to the job history."""
         line = json.dumps({"event": event, "time": utc_now(), "host": socket.gethostname(), **fields})
-        storage.append_text(self / "jobs.jsonl", line + "\n")
+        storage.append_text(self.history_file, line + "\n")
 
     def history(self) -> list[dict]:
         """The job history; torn or garbage lines are skipped with a warning."""
-        return storage.read_jsonl(self / "jobs.jsonl",
+        return storage.read_jsonl(self.history_file,
                                   lambda e: isinstance(e.get("event"), str) and isinstance(e.get("time"), str))
 
 
@@ -103,7 +140,7 @@ def check_run_dir(spec, force_new: bool = False) -> None:
         if storage.is_remote(run_dir.path):
             raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
         return
-    previous = parse_spec({**run_dir.saved_spec(), "run_dir": run_dir.path}, source=run_dir / "spec.yaml")
+    previous = run_dir.saved_job()
     if previous.run_hash() != spec.run_hash():
         exclude = {"resources", "run_dir"}
         changed = _differences(previous.model_dump(mode="json", exclude=exclude),

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import storage, weights
 from .collect import collect
@@ -22,6 +21,7 @@ from .diffusion.draw import draw_images
 from .dist.env import RankEnv
 from .dist.signals import any_rank
 from .errors import UserError
+from .progress import Progress
 from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
 
 
@@ -54,7 +54,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
 
     run_dir = hooks.begin()
     if source.classes and env.is_main:  # the names of the labels in arr_1, from the training run
-        storage.atomic_write_text(run_dir / "classes.json", json.dumps(source.classes, indent=1))
+        storage.atomic_write_text(run_dir.classes_file, json.dumps(source.classes, indent=1))
 
     def shard_arrays(start, end):
         arrays = {"arr_0": ((end - start, image_size, image_size, 3), np.uint8)}
@@ -69,7 +69,10 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
         done = sum(b - a for a, b in covered)
         print(f"idiff: sampling {s.num_samples} images ({done} already in shards), {env.describe()}",
               file=sys.stderr, flush=True)
-    for start, end in tqdm(todo, desc="sample", unit="shard", disable=not (env.is_main and sys.stderr.isatty())):
+    # One line per shard where no terminal shows a bar: rank 0's shards, whose pace is every rank's.
+    progress = Progress(sum(b - a for a, b in todo), desc=f"sample {spec.name}", unit="img", enabled=env.is_main,
+                        every=1)
+    for start, end in todo:
         if hooks.should_suspend():
             break  # complete shards are kept; a rerun draws only what is missing
         indices = list(range(start, end))
@@ -84,6 +87,8 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
                                      clip_denoised=s.clip_denoised, labels=labels, num_classes=num_classes,
                                      low_res=low_res, precision=s.precision, device=env.device)
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
+        progress.update(end - start)
+    progress.close()
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:

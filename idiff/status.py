@@ -1,63 +1,261 @@
-"""``idiff status RUN_DIR``: where a run stands, from its files (and Slurm's accounting when there)."""
+"""``idiff status RUN_DIR``: where a run (or the chain it belongs to) stands, from its files and the scheduler.
 
+Fast on long runs: checkpoints are listed by their manifests' names, and only the tail of ``log.jsonl`` is
+read; ``--verify`` hashes every checkpoint against its manifest (slow: it reads every file).
+"""
+
+import json
+import os
 import shutil
 import subprocess
+import sys
+import time
+import warnings
 
+from . import storage
 from .checkpoints import CheckpointStore
 from .errors import UserError
+from .launch.chain import CHAIN_EVENT
+from .progress import format_duration
 from .run_dir import RunDir
-from .train.metrics import MetricsLog
+from .shards import scan_shards
+from .spec.load import SpecError
+
+# sacct/squeue states in which a job will not run again
+FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "TIMEOUT", "finished"}
+LOG_TAIL_BYTES = 1 << 16  # the last rows of log.jsonl: enough for the latest, whatever the run's length
+
+
+def _run(cmd: list[str]) -> str | None:
+    """stdout of a scheduler command, or None when it is absent, fails or does not answer."""
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
 def slurm_job_states(job_id: str) -> list[dict]:
     """Every run of a Slurm job (requeues included), from sacct; empty without accounting."""
-    if not shutil.which("sacct"):
-        return []
-    try:
-        out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State,Start,End,ExitCode", "-j", job_id],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    rows = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+    out = _run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State,Start,End,ExitCode", "-j", job_id]) or ""
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
     return [dict(zip(("job_id", "state", "start", "end", "exit_code"), row)) for row in rows if len(row) == 5]
 
 
-def print_status(path) -> int:
-    run = RunDir(path)
-    spec = run.saved_spec()
-    if spec is None:
-        raise UserError(f"{path}: not a run dir (no spec.yaml)")
-    print(f"run {spec.get('name')} ({spec.get('kind')}) in {run.path}")
-    store = CheckpointStore(run.checkpoints)
-    steps = store.steps()
-    if steps:
-        latest = store.latest_complete()
-        if latest is None:
-            print("checkpoints: none complete")
+def slurm_state(job_id: str) -> tuple[str, list[dict]]:
+    """(state, sacct's runs of the job): squeue's state while the job is queued or running (with the reason it
+    waits), else sacct's last; "finished" when neither knows it (no accounting, and squeue forgot it)."""
+    queued = (_run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"]) or "").strip().splitlines()
+    runs = slurm_job_states(job_id)
+    if queued and "|" in queued[0]:
+        state, reason = queued[0].split("|", 1)
+        return (f"{state} ({reason})" if state == "PENDING" and reason not in ("None", "") else state), runs
+    return (runs[-1]["state"] if runs else "finished"), runs
+
+
+def job_line(job_id: str, history: list[dict]) -> tuple[str, str]:
+    """(a line on the Slurm job, its state)."""
+    state, runs = slurm_state(job_id)
+    restarts = max((e.get("restart_count") or 0 for e in history
+                    if e["event"] == "start" and str(e.get("slurm_job_id")) == job_id), default=0)
+    line = f"slurm job {job_id}: {state}, {restarts} restart(s)"
+    if is_final(state) and runs:
+        line = f"slurm job {job_id}: {', '.join(r['state'] for r in runs)} ({max(len(runs) - 1, 0)} requeue(s))"
+    return line, state
+
+
+def is_final(state: str) -> bool:
+    return state.split(" ")[0] in FINAL_STATES
+
+
+def last_log_row(run_dir: RunDir) -> dict | None:
+    """The newest row of log.jsonl, reading only the file's tail; unreadable lines in it are counted in a warning,
+    as a whole read would (storage.read_jsonl)."""
+    path = run_dir.log_file
+    if not storage.exists(path):
+        return None
+    if storage.is_remote(path):
+        lines = storage.read_appended(path).splitlines()
+    else:
+        with open(path, "rb") as f:
+            start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
+            f.seek(start)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line
+    rows, bad = [], 0
+    for line in filter(str.strip, lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
         else:
-            manifest = store.manifest(latest)
-            print(f"last complete checkpoint: step {latest}, {manifest.get('images_seen', '?')} images seen "
-                  f"({store.manifest_path(latest)})")
-        broken = [s for s in steps if s != latest and store.problem(s)]
-        if broken:
-            print(f"incomplete or corrupt checkpoints: {', '.join(map(str, broken))}")
-    rows = MetricsLog(run.path).rows()
-    if rows:
-        last = rows[-1]
-        loss = last.get("loss")
-        loss = f"{loss:.5f}" if isinstance(loss, (int, float)) else "?"
-        print(f"last log: step {last['step']}, {last.get('images_seen', '?')} images seen, loss {loss}")
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+    return rows[-1] if rows else None
+
+
+def _age(path) -> str:
+    if storage.is_remote(path) or not os.path.exists(path):
+        return ""
+    return f", {format_duration(time.time() - os.path.getmtime(path))} ago"
+
+
+def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
+    """Where the run itself stands: steps, images or parts done, throughput and ETA, checkpoints."""
+    lines = []
+    if spec.kind == "train":
+        row = last_log_row(run_dir)
+        total = spec.train.total_steps
+        if row is not None:
+            step, rate = row["step"], row.get("images_per_s")
+            text = f"step {step}/{total} ({100 * step / total:.1f}%)"
+            if isinstance(row.get("loss"), (int, float)):
+                text += f", loss {row['loss']:.5f}"
+            if isinstance(rate, (int, float)) and rate > 0:
+                eta = (total - step) * spec.train.batch_size / rate
+                text += f", {rate:.3g} img/s, eta {format_duration(eta)}"
+            lines.append(f"last log: {text} (log.jsonl{_age(run_dir / 'log.jsonl')})")
+        lines += _checkpoints(run_dir, verify)
+        lines += _evaluations(run_dir)
+    elif spec.kind == "sample":
+        done = sum(s.end - s.start for s in scan_shards(run_dir.samples))
+        names = storage.listdir(run_dir.path) if storage.isdir(run_dir.path) else []
+        collected = sorted(n for n in names if n.startswith("samples_") and n.endswith(".npz"))
+        lines.append(f"progress: {done}/{spec.sample.num_samples} images in shards"
+                     + (f"; collected {run_dir / collected[-1]}" if collected else ""))
+    else:
+        if "nll" in spec.evaluate.metrics:
+            done = sum(s.end - s.start for s in scan_shards(run_dir.nll_parts))
+            lines.append(f"progress: nll {done}/{spec.evaluate.num_samples} images")
+        if storage.exists(run_dir.metrics_file):
+            lines.append(f"results: {run_dir / 'metrics.json'}")
+    return lines
+
+
+def _checkpoints(run_dir: RunDir, verify: bool) -> list[str]:
+    """The newest usable checkpoint, and the newer ones that are not. Without ``verify`` files are compared with
+    their manifests by size, not hash: no checkpoint file is read, and usually only the newest is looked at."""
+    store = CheckpointStore(run_dir.checkpoints)
+    steps = store.steps()
+    if not steps:
+        return ["checkpoints: none yet"]
+    broken, latest = [], None
+    for step in reversed(steps):
+        if store.problem(step, hashes=verify):
+            broken.append(step)
+        elif latest is None:
+            latest = step
+            if not verify:
+                break
+    how = "files hashed" if verify else "file sizes checked; --verify hashes them"
+    lines = [f"last complete checkpoint: step {latest}, {_manifest(store, latest).get('images_seen', '?')} images "
+             f"seen, {len(steps)} kept ({how})" if latest is not None else "checkpoints: none complete"]
+    if broken:
+        lines.append(f"incomplete or corrupt checkpoints: {', '.join(map(str, sorted(broken)))}")
+    return lines
+
+
+def _manifest(store, step) -> dict:
+    try:
+        manifest = store.manifest(step)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _evaluations(run_dir: RunDir) -> list[str]:
+    from .train.evaluations import evaluated_steps
+
+    rows = evaluated_steps(run_dir.path)
+    if not rows:
+        return []
+    last = rows[max(rows)]
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in last["metrics"].items())
+    return [f"evaluations: {len(rows)} (last: step {last['step']}: {numbers}; {run_dir.evals_plot})"]
+
+
+def _saved_spec(run: RunDir):
+    try:
+        return run.saved_job()
+    except SpecError:
+        return None
+
+
+def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
+    """(the status of the run at ``path``, or of its chain; whether a job of it is still queued or running)."""
+    run = RunDir(path)
+    spec = _saved_spec(run)
+    if spec is None:
+        raise UserError(f"{path}: not a run dir (no readable spec.yaml)")
     history = run.history()
-    if history:
-        print("job history:")
-        for event in history:
-            details = ", ".join(f"{k}={event[k]}" for k in ("launcher", "world_size", "slurm_job_id", "restart_count",
-                                                           "status", "signal") if event.get(k) not in (None, ""))
-            print(f"  {event['time']}  {event['event']:<5}  {details}")
-    job_ids = sorted({e["slurm_job_id"] for e in history if e.get("slurm_job_id")}, key=str)
-    for job_id in job_ids:
-        runs = slurm_job_states(job_id)
-        if runs:
-            states = ", ".join(r["state"] for r in runs)
-            print(f"slurm job {job_id}: {states} ({max(len(runs) - 1, 0)} requeue(s))")
-    return 0
+    chains = [e for e in history if e["event"] == CHAIN_EVENT and isinstance(e.get("stages"), list)]
+    if not chains:
+        lines, active = [f"run {spec.name} ({spec.kind}) in {run.path}"], False
+        for job_id in dict.fromkeys(str(e["slurm_job_id"]) for e in history if e.get("slurm_job_id")):
+            line, state = job_line(job_id, history)
+            lines.append(line)
+            active = active or not is_final(state)
+        for event in history:  # train.evaluate's jobs (idiff.train.evaluations)
+            if event["event"] == "evaluation" and isinstance(event.get("slurm_job_ids"), list):
+                job_id = str(event["slurm_job_ids"][-1])
+                state, _ = slurm_state(job_id)
+                lines.append(f"evaluation of step {event.get('step')}: slurm job(s) "
+                             f"{', '.join(map(str, event['slurm_job_ids']))}: {state}")
+                active = active or not is_final(state)
+        return lines + run_progress(run, spec, verify) + _history(history), active
+    stages = chains[-1]["stages"]
+    body, states = [], {}
+    for stage in stages:
+        job_id = str(stage.get("slurm_job_id"))
+        stage_run = RunDir(stage["run_dir"])
+        line, states[stage["stage"]] = job_line(job_id, stage_run.history()
+                                                if storage.exists(stage_run.history_file) else [])
+        body.append(f"stage {stage['stage']}: {stage['kind']} {stage['name']} in {stage['run_dir']}; {line}")
+        stage_spec = _saved_spec(stage_run)
+        if stage_spec is not None:
+            body += [f"  {line}" for line in run_progress(stage_run, stage_spec, verify)]
+    running = next((s for s in stages if states[s["stage"]].startswith(("RUNNING", "COMPLETING"))), None)
+    stopped = next((s for s in stages if is_final(states[s["stage"]])
+                    and not states[s["stage"]].startswith(("COMPLETED", "finished"))), None)
+    if running is not None:
+        where = f"running stage {running['stage']} of {len(stages)} ({running['kind']} {running['name']})"
+    elif stopped is not None:
+        where = f"stopped: stage {stopped['stage']} ({stopped['name']}) is {states[stopped['stage']]}"
+    elif all(is_final(state) for state in states.values()):
+        where = "finished"
+    else:
+        where = "waiting in the queue"
+    active = not all(is_final(state) for state in states.values())
+    return [f"chain of {len(stages)} jobs: {where}", *body], active
+
+
+def _history(history: list[dict]) -> list[str]:
+    if not history:
+        return []
+    lines = ["job history:"]
+    for event in history:
+        details = ", ".join(f"{k}={event[k]}" for k in ("launcher", "world_size", "slurm_job_id", "restart_count",
+                                                       "status", "signal", "step") if event.get(k) not in (None, ""))
+        lines.append(f"  {event['time']}  {event['event']:<5}  {details}")
+    return lines
+
+
+def print_status(path, *, verify: bool = False, watch: float | None = None, out=None) -> int:
+    """Print the status once, or with ``watch`` every that many seconds until no job of it is queued or running."""
+    out = out or sys.stdout
+    terminal = getattr(out, "isatty", lambda: False)()
+    while True:
+        lines, active = status_lines(path, verify)
+        if watch is not None and terminal:
+            print("\033[H\033[J", end="", file=out)  # redraw in place
+        print("\n".join(lines), file=out, flush=True)
+        if watch is None or not active:
+            return 0
+        time.sleep(watch)
+        if not terminal:
+            print(file=out)

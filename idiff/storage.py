@@ -119,28 +119,91 @@ def move(src, dst) -> None:
         os.replace(src, dst)
 
 
+# Blob stores cannot append, and rewriting a whole log per row costs O(rows) per row, O(rows²) per run. There an
+# appended file ``log.jsonl`` is stored in pieces: ``log.jsonl`` itself, then ``log.jsonl.part000001``, ... read
+# in number order. An append rewrites only the last piece, and starts a new one once that piece holds PART_SIZE
+# characters: each append uploads at most PART_SIZE + the row, whatever the log's length, and a log of N
+# characters is about N / PART_SIZE objects. Local files are appended to in place: one piece.
+PART_SIZE = 1 << 18
+_PART = re.compile(r"\.part(\d{6,})")
+_filling: dict[str, tuple[str, str]] = {}  # appended file -> (its last piece, that piece's text), on blob stores
+
+
+def _pieces(path) -> list[str]:
+    """The files that together hold appended file ``path``, in order."""
+    path = str(path)
+    pieces = [path] if bf.exists(path) else []
+    if not is_remote(path):
+        return pieces
+    folder, name = bf.dirname(path), bf.basename(path)
+    if not bf.isdir(folder):
+        return pieces
+    numbered = []
+    for entry in bf.listdir(folder):
+        match = _PART.fullmatch(entry[len(name):]) if entry.startswith(name) else None
+        if match:
+            numbered.append((int(match.group(1)), bf.join(folder, entry)))
+    return pieces + [piece for _, piece in sorted(numbered)]
+
+
+def _part_number(piece: str) -> int:
+    """0 for the file itself, n for its ``.partNNNNNN``."""
+    match = _PART.search(piece)
+    return int(match.group(1)) if match and match.end() == len(piece) else 0
+
+
 def append_text(path, text: str) -> None:
-    """Append to a log file; blob stores cannot append, so there the (small) file is rewritten."""
-    if is_remote(path):
-        previous = bf.read_text(path) if bf.exists(path) else ""
-        bf.write_text(path, previous + text)
-    else:
+    """Append to a log file (on a blob store, to its last piece: see PART_SIZE). Two processes must not append to
+    the same blob-store file at once (their rewrites of the last piece would race)."""
+    path = str(path)
+    if not is_remote(path):
         with open(path, "a") as f:
             f.write(text)
+        return
+    if path not in _filling:  # this process's first append: continue the last piece (read once, bounded)
+        pieces = _pieces(path)
+        last = pieces[-1] if pieces else path
+        _filling[path] = (last, bf.read_text(last) if pieces else "")
+    piece, written = _filling[path]
+    if len(written) >= PART_SIZE:
+        piece, written = f"{path}.part{_part_number(piece) + 1:06d}", ""
+    written += text
+    bf.write_text(piece, written)
+    _filling[path] = (piece, written)
+
+
+def read_appended(path) -> str:
+    """The text of a file written by ``append_text`` (all its pieces); empty when absent."""
+    return "".join(bf.read_text(piece) for piece in _pieces(path))
+
+
+def replace_first_line(path, line: str) -> None:
+    """Replace the first line (a csv header) of a file written by ``append_text``, rewriting only the piece that
+    holds it, in one atomic write: the whole file locally, at most PART_SIZE characters on a blob store."""
+    piece = _pieces(path)[0]
+    text = bf.read_text(piece)
+    end = text.find("\n")
+    text = line + (text[end + 1:] if end >= 0 else "")
+    atomic_write_text(piece, text)
+    if _filling.get(str(path), ("",))[0] == piece:
+        _filling[str(path)] = (piece, text)
 
 
 def read_first_line(path) -> str:
-    with bf.BlobFile(str(path), "r") as f:
-        return f.readline()
+    """The first line of a file written by ``append_text``; empty when absent."""
+    for piece in _pieces(path):
+        with bf.BlobFile(piece, "r") as f:
+            line = f.readline()
+        if line:
+            return line
+    return ""
 
 
 def read_jsonl(path, is_valid) -> list[dict]:
     """The records of a JSON-lines file that ``is_valid`` accepts; torn or garbage lines are skipped, with one
     warning that counts them (a crash can leave half a line, and a run dir is untrusted input)."""
-    if not exists(path):
-        return []
     records, bad = [], 0
-    for line in read_text(path).splitlines():
+    for line in read_appended(path).splitlines():
         if not line.strip():
             continue
         try:
@@ -157,16 +220,22 @@ def read_jsonl(path, is_valid) -> list[dict]:
 
 
 def drop_trailing_lines(path, keep) -> None:
-    """Remove the lines at the end of a text file back to the last one that ``keep(line)`` accepts. A local
-    file is read backwards, so the cost grows with what is removed, not with the file."""
+    """Remove the lines at the end of a text file (written by ``append_text``) back to the last one that
+    ``keep(line)`` accepts. The file is read backwards, so the cost grows with what is removed, not with the
+    file. On a blob store the pieces are cut newest first, so an interrupted cut leaves a prefix of the file."""
     if is_remote(path):
-        if bf.exists(path):
-            lines = bf.read_text(path).splitlines(keepends=True)
+        _filling.pop(str(path), None)  # the next append reads the (new) last piece again
+        for piece in reversed(_pieces(path)):
+            lines = bf.read_text(piece).splitlines(keepends=True)
             kept = len(lines)
             while kept and not keep(lines[kept - 1]):
                 kept -= 1
-            if kept < len(lines):
-                bf.write_text(path, "".join(lines[:kept]))
+            if not kept:
+                bf.remove(piece)
+                continue
+            if kept < len(lines) or not lines[-1].endswith("\n"):  # a kept torn line: the next append needs a \n
+                bf.write_text(piece, "".join(lines[:kept]) + ("" if lines[kept - 1].endswith("\n") else "\n"))
+            return
         return
     if not os.path.exists(path):
         return
@@ -201,6 +270,10 @@ def load_torch(path, map_location="cpu"):
     """Load a torch file as untrusted input: tensors and plain containers only."""
     with bf.BlobFile(str(path), "rb") as f:
         return torch.load(f, map_location=map_location, weights_only=True)
+
+
+def file_size(path) -> int:
+    return bf.stat(str(path)).size
 
 
 def file_digest(path) -> dict:

@@ -2,6 +2,7 @@
 
 import io
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,23 +30,31 @@ def image_grid(images: np.ndarray, path, ncol: int | None = None, pad: int = 2) 
     storage.atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_losses(rows: list[dict], path) -> None:
-    """Loss curves (total, mse, vb and per-quartile loss) against the step, log scale."""
+class Curve(NamedTuple):
+    """A loss curve, one point per group of log rows: the mean step, and the mean, min and max of the value."""
+
+    steps: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def plot_losses(curves: dict[str, Curve], path) -> None:
+    """Loss curves (total, mse, vb and per-quartile loss, as MetricsLog keeps them) against the step, log scale;
+    the total loss is drawn with the band of its min and max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [row["step"] for row in rows]
-    for key in ("loss", "mse", "vb", "loss_q0", "loss_q3"):
-        values = [row.get(key) for row in rows]
-        if any(v is not None for v in values):
-            ax.plot(steps, [np.nan if v is None else v for v in values], label=key,
-                    linewidth=1.5 if key == "loss" else 0.8)
+    for key, curve in curves.items():
+        line, = ax.plot(curve.steps, curve.mean, label=key, linewidth=1.5 if key == "loss" else 0.8)
+        if key == "loss":
+            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    if all(v is None or v > 0 for row in rows for v in (row.get("loss"),)):
+    if all(low > 0 for curve in curves.values() for low in curve.low):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny synthetic dataset, tiny specs, and running the real ``idiff`` command."""
 
+import contextlib
+import copy
+import io
 import json
 import os
 import shutil
@@ -12,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from idiff.cli import main as idiff_main
 from idiff.data.prepare import synthetic
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -96,20 +100,27 @@ def tiny_spec(data_dir, run_dir, **train) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def trained(shapes_dir, tmp_path_factory):
-    """A class-conditional tiny model, checkpoints at steps 2 and 4, EMA rates 0.9 and 0.99."""
-    root = tmp_path_factory.mktemp("sample")
+@pytest.fixture(scope="session")
+def trained_run(shapes_dir, tmp_path_factory) -> dict:
+    """A class-conditional tiny model, trained once for the whole session: checkpoints at steps 2 and 4,
+    EMA rates 0.9 and 0.99. Tests read it and never write into it."""
+    root = tmp_path_factory.mktemp("trained")
     spec = tiny_spec(shapes_dir, root / "train", max_steps=4, save_interval=2)
     spec["model"].update(class_cond=True, num_classes=NUM_CLASSES)
-    idiff("train", write_spec(root / "train.yaml", spec))
-    return {"root": root, "spec": spec, "run": root / "train"}
+    idiff_in_process("train", write_spec(root / "train.yaml", spec))
+    return {"spec": spec, "run": root / "train"}
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run, tmp_path_factory) -> dict:
+    """The session's trained run, and a folder of this module's own (``root``) for the jobs it starts from it."""
+    return {**copy.deepcopy(trained_run), "root": tmp_path_factory.mktemp("from-trained")}
 
 
 def assert_refused(kind, spec_path, run_dir, messages, *args, env=None) -> str:
     """``idiff KIND SPEC ARGS`` exits 2 with ``messages`` and no traceback, before ``run_dir`` (unless
-    None) exists; returns what it printed."""
-    result = idiff(kind, spec_path, *args, check=False, env=env)
+    None) exists; returns what it printed. In this process: refusals need no interpreter of their own."""
+    result = idiff_in_process(kind, spec_path, *args, check=False, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     for message in messages:
         assert message in result.stderr, result.stderr[-3000:]
@@ -123,8 +134,44 @@ def write_spec(path, spec: dict) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def torch_globals_restored():
+    """A job sets what is global to its process (the thread count, deterministic algorithms, the seed of
+    the default generator); run in the test process, it must leave them as the next test expects."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def idiff_in_process(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    """``idiff ARGS`` through ``idiff.cli.main`` in this process, with ``env`` set meanwhile: what it printed
+    and its exit code, as :func:`idiff` returns them, without starting Python and importing torch again.
+    An exception other than the user errors main turns into messages fails the test with its traceback.
+    (Ranks that ``--nproc`` starts are processes of their own: their output is not in the result.)"""
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            torch_globals_restored():
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        try:
+            code = idiff_main(argv)
+        except SystemExit as done:  # argparse's --help and usage errors
+            code = done.code
+    if check and code != 0:
+        raise AssertionError(f"idiff {' '.join(argv)} exited {code}\n{err.getvalue()[-4000:]}")
+    return subprocess.CompletedProcess(["idiff", *argv], code, out.getvalue(), err.getvalue())
+
+
 def idiff(*args, check=True, timeout=300, env=None, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh process."""
+    """Run the real command line in a fresh process: for what only a process shows (signals, exit
+    codes of the interpreter, tracebacks, output of every rank)."""
     result = subprocess.run([sys.executable, "-m", "idiff.cli", *map(str, args)], capture_output=True, text=True,
                             timeout=timeout, env={**TEST_ENV, **(env or {})}, **kwargs)
     if check and result.returncode != 0:

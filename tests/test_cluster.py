@@ -171,9 +171,107 @@ def test_plain_sbatch_script_runs_idiff_on_two_nodes(reference, shapes_dir):
     out = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
          "--time=10", f"--output={reference['root']}/sbatch-%j.out", str(REPO / "slurm" / "train.sbatch"), path],
-        capture_output=True, text=True, check=True, env={**TEST_ENV, "IDIFF": str(Path(sys.executable).parent / "idiff")})
+        capture_output=True, text=True, check=True,
+        env={**TEST_ENV, "IDIFF": str(Path(sys.executable).parent / "idiff")})
     job = out.stdout.strip().split(";")[0]
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     log = (reference["root"] / f"sbatch-{job}.out").read_text()
     assert "rank 0/2 (local 0, slurm, cpu)" in log
     assert_same_tensors(final_files(run_dir, STEPS), reference["final"])
+
+
+# ----------------------------------------------------------------- chains and evaluations during training
+def tiny_chain(root, shapes_dir, name, train_data=None):
+    """Spec files of a chain: tiny train (4 steps) -> 4 DDIM samples -> NLL of 2 images, one CPU rank each."""
+    resources = {"nodes": 1, "cpus_per_task": 1, "timeout_min": 10}
+    train = tiny_spec(train_data or shapes_dir, root / f"{name}_train", max_steps=4, save_interval=2, num_workers=0)
+    train.update(name=f"{name}_train", resources=resources)
+    sample = {"kind": "sample", "name": f"{name}_sample", "run_dir": str(root / f"{name}_sample"),
+              "resources": resources, "sample": {"from_run": train["run_dir"], "num_samples": 4, "batch_size": 2,
+                                                 "use_ddim": True, "timestep_respacing": "ddim5"}}
+    evaluate = {"kind": "evaluate", "name": f"{name}_nll", "run_dir": str(root / f"{name}_nll"), "resources": resources,
+                "evaluate": {"metrics": ["nll"], "from_run": train["run_dir"], "data_dir": shapes_dir,
+                             "num_samples": 2, "batch_size": 2}}
+    return [write_spec(root / f"{name}_{spec['kind']}.yaml", spec) for spec in (train, sample, evaluate)], \
+        [Path(spec["run_dir"]) for spec in (train, sample, evaluate)]
+
+
+def sacct_times(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "Start,End", "-j", job_id], capture_output=True, text=True)
+    return tuple(out.stdout.strip().splitlines()[-1].split("|"))
+
+
+def job_log(run_dir, job_id) -> str:
+    return (Path(run_dir) / "slurm" / job_id / f"{job_id}_0_log.err").read_text()
+
+
+def test_chain_runs_its_stages_in_order_and_status_follows_it(tmp_path, shapes_dir):
+    specs, run_dirs = tiny_chain(tmp_path, shapes_dir, "chain")
+    out = console("idiff-submit", *specs).stdout
+    jobs = re.findall(r"submitted job (\d+)", out)
+    assert len(jobs) == 3 and f"chain of 3 jobs: {' -> '.join(jobs)}" in out
+    wait_for_step(run_dirs[0], 1)
+    status = idiff("status", run_dirs[1]).stdout  # any stage's run dir shows the whole chain
+    assert status.startswith("chain of 3 jobs: running stage 1 of 3 (train chain_train)"), status
+    assert f"slurm job {jobs[0]}: RUNNING, 0 restart(s)" in status
+    assert f"slurm job {jobs[1]}: PENDING (Dependency)" in status
+    print(status)  # pytest -s shows what a running chain looks like
+    assert wait_state(jobs[2], {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", job_log(run_dirs[2], jobs[2])
+    assert [state(job) for job in jobs] == ["COMPLETED"] * 3
+    times = [sacct_times(job) for job in jobs]
+    assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]  # ISO times: each starts after the last ended
+    assert json.loads((run_dirs[2] / "metrics.json").read_text())["nll"]["num_images"] == 2
+    # Progress lines in the Slurm output files, where no terminal shows a bar
+    assert re.search(r"^train chain_train: step 4/4 \(100\.0%\) \| loss ", job_log(run_dirs[0], jobs[0]), re.M)
+    assert re.search(r"^sample chain_sample: img 2/4 \(50\.0%\) \| .* img/s \| elapsed ", job_log(run_dirs[1], jobs[1]),
+                     re.M)
+    assert re.search(r"^nll: img 2/2 \(100\.0%\) \| bpd ", job_log(run_dirs[2], jobs[2]), re.M)
+    assert idiff("status", run_dirs[0]).stdout.startswith("chain of 3 jobs: finished")
+
+
+def test_chain_whose_first_stage_fails_leaves_no_job_pending(tmp_path, shapes_dir):
+    empty = tmp_path / "no-images"
+    empty.mkdir()  # exists, so the chain validates; training finds no image in it and fails
+    specs, run_dirs = tiny_chain(tmp_path, shapes_dir, "failing", train_data=empty)
+    jobs = re.findall(r"submitted job (\d+)", console("idiff-submit", *specs).stdout)
+    assert wait_state(jobs[0], {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
+    for job in jobs[1:]:
+        assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60) == "CANCELLED"
+    queued = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], capture_output=True, text=True).stdout
+    assert queued.strip() == ""
+    assert idiff("status", run_dirs[0]).stdout.startswith("chain of 3 jobs: stopped: stage 1 (failing_train) is FAILED")
+
+
+def test_evaluations_during_training_are_jobs_of_their_own(tmp_path, shapes_dir):
+    spec = tiny_spec(shapes_dir, tmp_path / "evaluated", max_steps=4, save_interval=2, num_workers=0)
+    spec["train"]["evaluate"] = {"every": 2, "metrics": ["nll"], "data_dir": shapes_dir, "num_samples": 2,
+                                 "batch_size": 2}
+    spec["resources"] = {"nodes": 1, "cpus_per_task": 1, "timeout_min": 10}
+    run_dir = tmp_path / "evaluated"
+    job = submitted_job_id(console("idiff-submit", write_spec(tmp_path / "evaluated.yaml", spec)).stdout)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", job_log(run_dir, job)
+    submitted = {step: json.loads((run_dir / "evals" / f"{step:06d}" / "submitted.json").read_text())["job_ids"]
+                 for step in (2, 4)}
+    for ids in submitted.values():
+        assert wait_state(ids[-1], {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    rows = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["job_id"]) for r in rows) == [(2, submitted[2][-1]), (4, submitted[4][-1])]
+    assert all("nll_bpd" in r["metrics"] for r in rows)
+    assert (run_dir / "metrics.png").stat().st_size > 0
+    status = idiff("status", run_dir).stdout
+    assert f"evaluation of step 4: slurm job(s) {submitted[4][-1]}: COMPLETED" in status
+    assert "evaluations: 2 (last: step 4: nll_bpd " in status
+
+
+def test_chain_whose_training_is_preempted_resumes_and_finishes_in_order(tmp_path, shapes_dir):
+    specs, run_dirs = tiny_chain(tmp_path, shapes_dir, "preempted_chain")
+    jobs = re.findall(r"submitted job (\d+)", console("idiff-submit", *specs).stdout)
+    wait_for_step(run_dirs[0], 1)
+    subprocess.run(["scancel", "--signal=USR2", jobs[0]], check=True)
+    assert wait_state(jobs[2], {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", job_log(run_dirs[2], jobs[2])
+    history = [json.loads(line) for line in (run_dirs[0] / "jobs.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in history if e["event"] == "end"] == ["preempted", "completed"]
+    assert {e["slurm_job_id"] for e in history if e["event"] == "start"} == {jobs[0]}  # requeued: the same job
+    times = [sacct_times(job) for job in jobs]
+    assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]
+    assert (run_dirs[2] / "metrics.json").exists()

@@ -5,7 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import idiff
+from conftest import idiff_in_process
 from PIL import Image
 
 from idiff.collect import collect, main
@@ -67,7 +67,7 @@ def test_merges_in_index_order_into_a_standard_npz(run_dir):
 
 def test_the_console_script_and_idiff_collect_write_the_same(run_dir, tmp_path):
     assert main([str(run_dir / "samples"), "-o", str(tmp_path / "a.npz")]) == 0
-    idiff("collect", run_dir, "-o", tmp_path / "b.npz")
+    idiff_in_process("collect", run_dir, "-o", tmp_path / "b.npz")
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
 
 
@@ -123,7 +123,7 @@ def test_a_corrupt_member_found_while_copying_is_named_and_leaves_no_output(run_
 def test_an_existing_output_is_kept_unless_forced(run_dir, capsys):
     out = run_dir / f"samples_17x{SIZE}x{SIZE}x3.npz"
     out.write_bytes(b"previous")
-    assert idiff("collect", run_dir, check=False).returncode == 2
+    assert idiff_in_process("collect", run_dir, check=False).returncode == 2
     assert out.read_bytes() == b"previous"
     assert main([str(run_dir), "--force"]) == 0
     with np.load(out) as data:

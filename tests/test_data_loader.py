@@ -2,6 +2,7 @@
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_changed_files_or_seed_refuse_the_saved_state(tmp_path, data_dir):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_corrupt_image_message_reaches_the_main_process_whole(data_dir, num_workers):
     bad = f"{data_dir}/c0_bad.png"
-    open(bad, "wb").write(b"\x89PNG\r\n\x1a\n truncated")
+    Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(DataError) as info:
         run(data_dir, 3, global_batch=NUM_FILES + 1, num_workers=num_workers)
     assert str(info.value).startswith(f"cannot read image {bad}: ") and "Traceback" not in str(info.value)

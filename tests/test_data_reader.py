@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,9 +117,8 @@ def with_corrupt(tmp_path):
     """Two good images, one truncated PNG, one JPEG that is random bytes, one image below the target size."""
     for i in range(2):
         save(noise(40, 40, seed=i), tmp_path / f"good_{i}.png")
-    whole = save(noise(40, 40), tmp_path / "cut_0.png")
-    data = open(whole, "rb").read()
-    open(whole, "wb").write(data[: len(data) // 2])
+    whole = Path(save(noise(40, 40), tmp_path / "cut_0.png"))
+    whole.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     (tmp_path / "junk_0.jpg").write_bytes(np.random.default_rng(0).bytes(500))
     save(noise(6, 9), tmp_path / "small_0.png")
     return tmp_path

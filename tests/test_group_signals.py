@@ -22,6 +22,7 @@ from conftest import (
     assert_same_tensors,
     final_files,
     idiff,
+    idiff_in_process,
     require_service,
     slurm_cluster_problem,
     start_idiff,
@@ -36,6 +37,8 @@ EXIT_CODES = {signal.SIGTERM: 75, signal.SIGUSR2: 75, signal.SIGINT: 130}
 # One thread per process: the jobs here run beside each other's data-loader workers (and other tests),
 # where spinning OpenMP threads would make them many times slower.
 ENV = {"OMP_NUM_THREADS": "1"}
+# Each test starts jobs as processes and signals them: seconds each, even on an idle machine.
+pytestmark = pytest.mark.slow
 
 
 def group_members(pgid: int) -> list[int]:
@@ -81,9 +84,11 @@ def assert_stopped_with_a_checkpoint(run_dir: Path, sig, stderr: str) -> int:
     return stopped_at
 
 
-def resume_and_compare(spec_path, run_dir, stopped_at, reference, *nproc):
-    resumed = idiff("train", spec_path, *nproc, env=ENV)
-    assert f"start at step {stopped_at}" in resumed.stderr
+def resume_and_compare(capfd, spec_path, run_dir, stopped_at, reference, *nproc):
+    """The same command again, in this process: ``--nproc`` ranks print on the descriptors they inherit, which
+    capfd reads."""
+    resumed = idiff_in_process("train", spec_path, *nproc, env=ENV)
+    assert f"start at step {stopped_at}" in resumed.stderr + capfd.readouterr().err
     assert_same_tensors(final_files(run_dir, STEPS), reference)
 
 
@@ -101,7 +106,7 @@ def root(tmp_path_factory):
 def one_rank(root, shapes_dir):
     """The final weights of an uninterrupted run on one rank."""
     path, run_dir = train_spec(root, shapes_dir, "reference-1")
-    idiff("train", path, env=ENV)
+    idiff_in_process("train", path, env=ENV)
     return final_files(run_dir, STEPS)
 
 
@@ -109,22 +114,22 @@ def one_rank(root, shapes_dir):
 def two_ranks(root, shapes_dir):
     """The same on two ranks, which mpiexec and Slurm match bit for bit."""
     path, run_dir = train_spec(root, shapes_dir, "reference-2")
-    idiff("train", path, "--nproc", 2, env=ENV)
+    idiff_in_process("train", path, "--nproc", 2, env=ENV)
     return final_files(run_dir, STEPS)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_local_run(root, shapes_dir, one_rank, sig):
+def test_a_local_run(root, shapes_dir, one_rank, sig, capfd):
     path, run_dir = train_spec(root, shapes_dir, f"local-{sig.name}")
     proc = start_idiff("train", path, env=ENV)
     ready = lambda: logged_step(run_dir) >= 3 and len(group_members(proc.pid)) > WORKERS  # noqa: E731
     stderr = signal_group_midway(proc, ready, sig, "step 3 with the workers started")
     assert proc.returncode == EXIT_CODES[sig], stderr[-3000:]
-    resume_and_compare(path, run_dir, assert_stopped_with_a_checkpoint(run_dir, sig, stderr), one_rank)
+    resume_and_compare(capfd, path, run_dir, assert_stopped_with_a_checkpoint(run_dir, sig, stderr), one_rank)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_two_local_ranks_get_the_signal_twice(root, shapes_dir, two_ranks, sig):
+def test_two_local_ranks_get_the_signal_twice(root, shapes_dir, two_ranks, sig, capfd):
     """The launcher forwards what the ranks also receive directly: a rank acts on the first."""
     path, run_dir = train_spec(root, shapes_dir, f"nproc-{sig.name}")
     proc = start_idiff("train", path, "--nproc", 2, env=ENV)
@@ -132,10 +137,12 @@ def test_two_local_ranks_get_the_signal_twice(root, shapes_dir, two_ranks, sig):
     stderr = signal_group_midway(proc, ready, sig, "step 3 with every worker started")
     assert proc.returncode == EXIT_CODES[sig], stderr[-3000:]
     assert stderr.count(f"received {sig.name}") == 2  # once per rank
-    resume_and_compare(path, run_dir, assert_stopped_with_a_checkpoint(run_dir, sig, stderr), two_ranks, "--nproc", 2)
+    stopped_at = assert_stopped_with_a_checkpoint(run_dir, sig, stderr)
+    resume_and_compare(capfd, path, run_dir, stopped_at, two_ranks, "--nproc", 2)
 
 
-def test_mpiexec(root, shapes_dir, two_ranks):
+@pytest.mark.mpi
+def test_mpiexec(root, shapes_dir, two_ranks, capfd):
     """SIGUSR2, which Slurm sends before the time limit: mpiexec forwards it to the ranks. (SIGTERM it
     answers with SIGCONT, SIGTERM and SIGKILL a second apart each: see the README.)"""
     mpiexec = shutil.which("mpiexec")
@@ -147,7 +154,7 @@ def test_mpiexec(root, shapes_dir, two_ranks):
     stderr = signal_group_midway(proc, lambda: logged_step(run_dir) >= 3, signal.SIGUSR2, "step 3")
     assert proc.returncode == 75, stderr[-3000:]
     stopped_at = assert_stopped_with_a_checkpoint(run_dir, signal.SIGUSR2, stderr)
-    resume_and_compare(path, run_dir, stopped_at, two_ranks, "--nproc", 2)
+    resume_and_compare(capfd, path, run_dir, stopped_at, two_ranks, "--nproc", 2)
 
 
 # ---------------------------------------------------------------------------------------------- Slurm
@@ -184,6 +191,7 @@ def slurm_job():
         subprocess.run(["scancel", job], capture_output=True, check=False)
 
 
+@pytest.mark.slurm
 def test_slurm_signals_every_step_process(root, shapes_dir, two_ranks, slurm_job):
     """``scancel --signal=TERM`` reaches each rank and its workers: the ranks checkpoint and exit 75,
     the batch script requeues the job (it was signalled, not cancelled), and the requeued run resumes."""
@@ -203,6 +211,7 @@ def test_slurm_signals_every_step_process(root, shapes_dir, two_ranks, slurm_job
     assert_same_tensors(final_files(run_dir, STEPS), two_ranks)
 
 
+@pytest.mark.slurm
 def test_slurm_full_signal_loses_nothing_beyond_the_last_checkpoint(root, shapes_dir, two_ranks, slurm_job):
     """``scancel --full --signal=TERM`` also signals the batch step, srun included, and srun answers its
     own SIGTERM by killing the ranks (srun(1)): no checkpoint can be written then. What is on disk is
@@ -235,14 +244,14 @@ def parts(folder: Path) -> int:
 def test_sampling(trained, sig):
     section = {"num_samples": 16, "timestep_respacing": "50", "class_labels": "balanced"}
     reference_path, reference_dir = model_job(trained, f"sample-reference-{sig.name}", "sample", section)
-    idiff("sample", reference_path, env=ENV)
+    idiff_in_process("sample", reference_path, env=ENV)
     path, run_dir = model_job(trained, f"sample-{sig.name}", "sample", section)
     proc = start_idiff("sample", path, env=ENV)
     stderr = signal_group_midway(proc, lambda: parts(run_dir / "samples") >= 1, sig, "the first shard")
     assert proc.returncode == EXIT_CODES[sig], stderr[-3000:]
     assert f"stopped on {sig.name}; the run can be resumed" in stderr
     assert 1 <= parts(run_dir / "samples") < 16 and not list(run_dir.glob("samples_*.npz"))
-    idiff("sample", path, env=ENV)
+    idiff_in_process("sample", path, env=ENV)
     with np.load(reference_dir / "samples_16x16x16x3.npz") as a, np.load(run_dir / "samples_16x16x16x3.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
@@ -250,7 +259,7 @@ def test_sampling(trained, sig):
 def test_nll(trained, shapes_dir):
     section = {"metrics": ["nll"], "data_dir": shapes_dir, "num_samples": 12}
     reference_path, reference_dir = model_job(trained, "nll-reference", "evaluate", section)
-    idiff("evaluate", reference_path, env=ENV)
+    idiff_in_process("evaluate", reference_path, env=ENV)
     path, run_dir = model_job(trained, "nll", "evaluate", section)
     proc = start_idiff("evaluate", path, env=ENV)
     stderr = signal_group_midway(proc, lambda: parts(run_dir / "eval" / "nll_parts") >= 1, signal.SIGINT,
@@ -258,6 +267,6 @@ def test_nll(trained, shapes_dir):
     assert proc.returncode == 130, stderr[-3000:]
     assert "stopped on SIGINT; the run can be resumed" in stderr
     assert 1 <= parts(run_dir / "eval" / "nll_parts") < 12 and not (run_dir / "metrics.json").exists()
-    idiff("evaluate", path, env=ENV)
+    idiff_in_process("evaluate", path, env=ENV)
     expected = json.loads((reference_dir / "eval" / "nll.json").read_text())
     assert json.loads((run_dir / "eval" / "nll.json").read_text()) == expected

@@ -1,11 +1,12 @@
 """Job specs and the command line: validation messages, the original's flags, run-dir ownership."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_refused, idiff, tiny_spec, write_spec
+from conftest import assert_refused, idiff_in_process, tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
 from idiff.factory import model_and_diffusion_defaults, sr_model_and_diffusion_defaults
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_spec_in_jobs_validates():
     specs = sorted(str(p) for p in (REPO / "jobs").glob("*.yaml"))
     assert len(specs) >= 13
-    out = idiff("validate", *specs).stdout.splitlines()
+    out = idiff_in_process("validate", *specs).stdout.splitlines()
     assert len(out) == len(specs) and all(": ok: " in line for line in out)
 
 
@@ -75,13 +76,24 @@ def test_missing_data_dir_field_and_missing_folder(tmp_path, good):
     rejected(tmp_path, good, match=f"{tmp_path / 'nowhere'}")
 
 
-def test_microbatch_larger_than_the_rank_batch(tmp_path, good):
+def refused_by_the_ranks(capfd, tmp_path, spec, nproc, match):
+    """What the ranks check (their share of the batch): they are processes of their own, so their message is
+    read from the file descriptors they inherit. Each exits 2 before writing the run dir."""
+    assert idiff_main(["train", write_spec(tmp_path / "bad.yaml", spec), "--nproc", str(nproc)]) == 2
+    err = capfd.readouterr().err
+    assert match in err and "Traceback" not in err, err[-3000:]
+    assert not Path(spec["run_dir"]).exists()
+
+
+@pytest.mark.slow  # starts the ranks, each a Python that imports torch
+def test_microbatch_larger_than_the_rank_batch(capfd, tmp_path, good):
     good["train"]["microbatch"] = 6
-    rejected(tmp_path, good, "--nproc", 2, match="train.microbatch=6 is larger than the per-rank batch 4")
+    refused_by_the_ranks(capfd, tmp_path, good, 2, match="train.microbatch=6 is larger than the per-rank batch 4")
 
 
-def test_a_batch_that_does_not_split_lists_world_sizes_that_work(tmp_path, good):
-    rejected(tmp_path, good, "--nproc", 3, match="world sizes that work: 1, 2, 4, 8")
+@pytest.mark.slow  # starts the ranks, each a Python that imports torch
+def test_a_batch_that_does_not_split_lists_world_sizes_that_work(capfd, tmp_path, good):
+    refused_by_the_ranks(capfd, tmp_path, good, 3, match="world sizes that work: 1, 2, 4, 8")
 
 
 def test_class_cond_without_labels_names_a_file(tmp_path, good):
@@ -107,16 +119,16 @@ def test_unknown_kind(tmp_path, good):
 
 
 def test_a_run_dir_of_another_spec_is_refused_unless_forced(tmp_path, good):
-    good["train"]["max_steps"] = 1
+    good["train"].update(max_steps=1, num_workers=0)  # what is asked here is about the run dir, not the data
     path = write_spec(tmp_path / "a.yaml", good)
-    idiff("train", path)
-    again = idiff("train", path)  # identical spec: resumes, nothing to do
+    idiff_in_process("train", path)
+    again = idiff_in_process("train", path)  # identical spec: resumes, nothing to do
     assert "start at step 1" in again.stderr
     changed = dict(good, train={**good["train"], "lr": 5e-4})
     err = rejected(tmp_path, write_spec(tmp_path / "b.yaml", changed), match="holds a run of another spec")
     assert "train.lr" in err and "--force-new" in err
     assert yaml.safe_load((Path(good["run_dir"]) / "spec.yaml").read_text())["train"]["lr"] == 1e-4
-    forced = idiff("train", tmp_path / "b.yaml", "--force-new")
+    forced = idiff_in_process("train", tmp_path / "b.yaml", "--force-new")
     assert "start at step 0" in forced.stderr
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(moved) == 1 and (moved[0] / "checkpoints" / "model000001.pt").exists()  # nothing lost
@@ -124,14 +136,33 @@ def test_a_run_dir_of_another_spec_is_refused_unless_forced(tmp_path, good):
 
 def test_set_overrides_and_validate_summary(tmp_path, good):
     path = write_spec(tmp_path / "a.yaml", good)
-    out = idiff("validate", path, "--set", "train.lr=2e-5", "--set", "resources.nodes=2").stdout
+    out = idiff_in_process("validate", path, "--set", "train.lr=2e-5", "--set", "resources.nodes=2").stdout
     assert "lr 2e-05" in out and "2 node(s)" in out
-    assert idiff("validate", path, "--set", "train.lr", check=False).returncode == 2
+    assert idiff_in_process("validate", path, "--set", "train.lr", check=False).returncode == 2
 
 
 IMAGE_TRAIN_FLAGS = ["data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size",
                      "microbatch", "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16",
                      "fp16_scale_growth"]
+
+
+def help_options(capsys, *command) -> dict[str, str]:
+    """``idiff COMMAND --help`` as {option: its help text}: a flag counts only where it is listed itself
+    (``--lr`` is not found inside ``--lr_anneal_steps``)."""
+    with pytest.raises(SystemExit) as done:
+        idiff_main([*command, "--help"])
+    assert done.value.code == 0
+    options, current = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        listed = re.match(r"  (?:-\w, )?(--[\w-]+)(.*)", line)  # an option's first line; deeper lines continue it
+        if listed:
+            current = listed.group(1)
+            options[current] = listed.group(2).strip()
+        elif current and line.startswith("    "):
+            options[current] += " " + line.strip()
+        else:
+            current = None
+    return options
 
 
 def test_every_flag_of_the_original_scripts_is_accepted(capsys):
@@ -144,68 +175,62 @@ def test_every_flag_of_the_original_scripts_is_accepted(capsys):
                         ("sample", sr_flags + ["--base_samples"]),
                         ("evaluate", model_flags + ["--data_dir", "--clip_denoised", "--num_samples", "--batch_size",
                                                     "--model_path"])]:
-        with pytest.raises(SystemExit) as done:
-            idiff_main([kind, "--help"])
-        assert done.value.code == 0
-        text = capsys.readouterr().out
-        missing = [flag for flag in flags if flag not in text]
+        options = help_options(capsys, kind)
+        missing = [flag for flag in flags if flag not in options]
         assert not missing, f"{kind}: {missing}"
-        assert "default: 0.0001" in text or kind != "train"
+        if kind == "train":
+            assert re.search(r"\bdefault: 0\.0001\]", options["--lr"]), options["--lr"]
 
 
 def test_spec_from_the_originals_flags():
-    out = idiff("spec", "--from-flags", "train", "--data_dir", "D", "--image_size", "64", "--num_channels", "128",
-                "--num_res_blocks", "3", "--learn_sigma", "True", "--diffusion_steps", "4000", "--noise_schedule",
-                "cosine", "--lr", "1e-4", "--batch_size", "128", "--microbatch", "16", "--use_fp16", "True",
-                "--class_cond", "f", "--max_steps", "10").stdout
-    spec = yaml.safe_load(out)
+    def spec_from(*flags) -> dict:
+        return yaml.safe_load(idiff_in_process("spec", "--from-flags", *flags).stdout)
+
+    spec = spec_from("train", "--data_dir", "D", "--image_size", "64", "--num_channels", "128", "--num_res_blocks",
+                     "3", "--learn_sigma", "True", "--diffusion_steps", "4000", "--noise_schedule", "cosine", "--lr",
+                     "1e-4", "--batch_size", "128", "--microbatch", "16", "--use_fp16", "True", "--class_cond", "f",
+                     "--max_steps", "10")
     assert spec["kind"] == "train" and spec["name"].startswith("train-")
     assert spec["model"]["num_res_blocks"] == 3 and spec["model"]["learn_sigma"] is True
     assert spec["model"]["class_cond"] is False
     assert spec["diffusion"]["diffusion_steps"] == 4000 and spec["diffusion"]["noise_schedule"] == "cosine"
     assert spec["train"] == {**spec["train"], "lr": 1e-4, "batch_size": 128, "microbatch": 16, "precision": "fp16"}
-    no_micro = yaml.safe_load(idiff("spec", "--from-flags", "train", "--data_dir", "D", "--batch_size", "4",
-                                    "--microbatch", "-1", "--max_steps", "1").stdout)
+    no_micro = spec_from("train", "--data_dir", "D", "--batch_size", "4", "--microbatch", "-1", "--max_steps", "1")
     assert no_micro["train"]["microbatch"] is None
-    sample = yaml.safe_load(idiff("spec", "--from-flags", "sample", "--model_path", "m.pt", "--use_ddim", "True",
-                                  "--timestep_respacing", "ddim50").stdout)
+    sample = spec_from("sample", "--model_path", "m.pt", "--use_ddim", "True", "--timestep_respacing", "ddim50")
     assert sample["sample"]["use_ddim"] is True and sample["sample"]["timestep_respacing"] == "ddim50"
-    nll = yaml.safe_load(idiff("spec", "--from-flags", "evaluate", "--model_path", "m.pt", "--data_dir", "D").stdout)
+    nll = spec_from("evaluate", "--model_path", "m.pt", "--data_dir", "D")
     assert nll["evaluate"]["metrics"] == ["nll"]
-    bad = idiff("spec", "--from-flags", "train", "--learn_sigma", "maybe", check=False)
+    bad = idiff_in_process("spec", "--from-flags", "train", "--learn_sigma", "maybe", check=False)
     assert bad.returncode == 2 and "boolean value expected" in bad.stderr
 
 
 def test_the_originals_invocation_trains_into_openai_logdir(tmp_path, shapes_dir):
     logdir = tmp_path / "logdir"
-    idiff("train", "--data_dir", shapes_dir, "--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
-          "--channel_mult", "1,2", "--attention_resolutions", 8, "--learn_sigma", "True", "--diffusion_steps", 20,
-          "--batch_size", 4, "--max_steps", 2, "--save_interval", 2, "--sample_grid", 0, "--num_workers", 0,
-          env={"OPENAI_LOGDIR": str(logdir)})
+    idiff_in_process(
+        "train", "--data_dir", shapes_dir, "--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
+        "--channel_mult", "1,2", "--attention_resolutions", 8, "--learn_sigma", "True", "--diffusion_steps", 20,
+        "--batch_size", 4, "--max_steps", 2, "--save_interval", 2, "--sample_grid", 0, "--num_workers", 0,
+        env={"OPENAI_LOGDIR": str(logdir)})
     assert (logdir / "checkpoints" / "checkpoint000002.json").exists()
     assert yaml.safe_load((logdir / "spec.yaml").read_text())["model"]["learn_sigma"] is True
 
 
 def test_help_lists_every_option_with_its_default(capsys):
-    for command in ("train", "sample", "evaluate"):
-        with pytest.raises(SystemExit):
-            idiff_main([command, "--help"])
-        text = capsys.readouterr().out
-        assert text.count("default:") >= 40 if command == "train" else text.count("default:") >= 30
+    for command, at_least in (("train", 40), ("sample", 30), ("evaluate", 30)):
+        with_default = [option for option, text in help_options(capsys, command).items() if "default:" in text]
+        assert len(with_default) >= at_least, (command, with_default)
     with pytest.raises(SystemExit):
         idiff_main(["--help"])
-    top = capsys.readouterr().out
-    for command in ("train", "sample", "evaluate", "validate", "spec", "status", "data", "collect"):
-        assert command in top
+    listed = re.findall(r"^    ([\w-]+)", capsys.readouterr().out, re.MULTILINE)  # one command a line, indented
+    assert {"train", "sample", "evaluate", "validate", "spec", "status", "data", "collect"} <= set(listed), listed
 
 
-def test_run_dir_defaults_to_openai_logdir_then_runs_name(good):
+def test_run_dir_defaults_to_openai_logdir_then_runs_name(good, monkeypatch):
     from idiff.spec.load import parse_spec
 
     del good["run_dir"]
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
     assert parse_spec(dict(good)).run_dir == os.path.join("runs", "tiny")
-    os.environ["OPENAI_LOGDIR"] = "/tmp/logdir-x"
-    try:
-        assert parse_spec(dict(good)).run_dir == "/tmp/logdir-x"
-    finally:
-        del os.environ["OPENAI_LOGDIR"]
+    monkeypatch.setenv("OPENAI_LOGDIR", "/tmp/logdir-x")
+    assert parse_spec(dict(good)).run_dir == "/tmp/logdir-x"

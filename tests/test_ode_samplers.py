@@ -13,9 +13,9 @@ import yaml
 import idiff
 from idiff.cli import main as idiff_main
 from idiff.diffusion import samplers
+from idiff.diffusion.draw import draw_samples
 from idiff.diffusion.ode_samplers import SPACINGS, dpm_solver_pp
 from idiff.factory import create_gaussian_diffusion
-from idiff.diffusion.draw import draw_samples
 
 ORDERS = {"dpmpp_2m": 2, "dpmpp_3m": 3, "heun": 2}
 
@@ -138,6 +138,7 @@ def tiny_unet(seed=0, **flags):
     return model.eval(), diffusion
 
 
+@pytest.mark.slow  # about 1,200 UNet evaluations: a 400-step reference and four samplers at four NFEs
 def test_on_a_tiny_unet_every_sampler_approaches_the_reference_as_nfe_grows():
     model, diffusion = tiny_unet()
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import NUM_CLASSES, TINY_MODEL, assert_refused, start_idiff, write_spec
-from conftest import idiff as run_idiff
+from conftest import NUM_CLASSES, TINY_MODEL, assert_refused, idiff_in_process, start_idiff, write_spec
 
 import idiff
 from idiff.shards import shard_name
@@ -43,14 +42,15 @@ def ancestral(trained):
     """14 images with ancestral sampling, random labels, one rank drawing batches of 4."""
     spec_path, run_dir = sample_spec(trained, "ancestral", num_samples=14, batch_size=4, use_ddim=False,
                                      timestep_respacing="10", class_labels="random")
-    run_idiff("sample", spec_path)
+    idiff_in_process("sample", spec_path)
     return {"spec": spec_path, "run": run_dir, "out": output(run_dir, 14)}
 
 
+@pytest.mark.slow  # starts the ranks, each a Python that imports torch
 def test_two_ranks_with_another_batch_size_draw_the_same_images(trained, ancestral):
     spec_path, run_dir = sample_spec(trained, "two-ranks", num_samples=14, batch_size=6, use_ddim=False,
                                      timestep_respacing="10", class_labels="random")
-    run_idiff("sample", spec_path, "--nproc", 2)
+    idiff_in_process("sample", spec_path, "--nproc", 2)
     assert shard_ranges(ancestral["run"]) == [(0, 4), (4, 8), (8, 12), (12, 14)]
     assert shard_ranges(run_dir) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 13), (13, 14)]
     one, two = ancestral["out"], output(run_dir, 14)
@@ -72,7 +72,7 @@ def test_a_rerun_draws_only_the_missing_shard(trained, ancestral):
     (samples / shard_name(4, 8)).unlink()
     (run_dir / "samples_14x16x16x3.npz").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in samples.iterdir()}
-    rerun = run_idiff("sample", spec_path)
+    rerun = idiff_in_process("sample", spec_path)
     assert "sampling 14 images (10 already in shards)" in rerun.stderr
     assert {p.name: p.stat().st_mtime_ns for p in samples.iterdir() if p.name in kept} == kept
     redrawn = shard_name(4, 8)
@@ -89,7 +89,8 @@ def wait_for(condition, proc, timeout=120):
         time.sleep(0.02)
 
 
-def test_sigterm_stops_at_a_shard_boundary_with_exit_75_and_a_rerun_completes(trained):
+@pytest.mark.slow
+def test_sigterm_stops_at_a_shard_boundary_with_exit_75_and_a_rerun_completes(trained, capfd):
     # 25 steps per image, one image per shard on each rank: enough work left to interrupt after the first shard.
     spec_path, run_dir = sample_spec(trained, "interrupted", num_samples=12, batch_size=2, use_ddim=False,
                                      timestep_respacing="25")
@@ -103,14 +104,15 @@ def test_sigterm_stops_at_a_shard_boundary_with_exit_75_and_a_rerun_completes(tr
     history = [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
     assert history[-1]["status"] == "preempted" and history[-1]["signal"] == "SIGTERM"
 
-    rerun = run_idiff("sample", spec_path, "--nproc", 2)
-    assert f"({drawn} already in shards)" in rerun.stderr
+    idiff_in_process("sample", spec_path, "--nproc", 2)
+    assert f"({drawn} already in shards)" in capfd.readouterr().err  # from the ranks, processes of their own
     assert np.array_equal(output(run_dir, 12)["arr_1"], np.arange(12) % NUM_CLASSES)
 
 
+@pytest.mark.slow  # starts the ranks, each a Python that imports torch
 def test_fewer_samples_than_ranks(trained):
     spec_path, run_dir = sample_spec(trained, "one-image", num_samples=1)
-    run_idiff("sample", spec_path, "--nproc", 2)
+    idiff_in_process("sample", spec_path, "--nproc", 2)
     assert shard_ranges(run_dir) == [(0, 1)]
     assert output(run_dir, 1)["arr_1"].tolist() == [0]
 
@@ -125,7 +127,7 @@ def test_ema_and_raw_weights_differ_and_a_released_checkpoint_matches_its_run(tr
         "model": trained["spec"]["model"], "diffusion": trained["spec"]["diffusion"],
         "sample": {"model_path": released}})
     for spec_path in (raw_spec, ema_spec, model_path_spec):
-        run_idiff("sample", spec_path)
+        idiff_in_process("sample", spec_path)
     raw, ema, from_file = (output(d, 6) for d in (raw_dir, ema_dir, model_path_dir))
     assert raw["arr_1"].tolist() == [i % NUM_CLASSES for i in range(6)]
     assert not np.array_equal(raw["arr_0"], ema["arr_0"])
@@ -158,7 +160,7 @@ def test_super_resolution_upsamples_base_samples_with_their_labels(trained, upsa
     base = base_samples(trained["root"] / "low-res.npz", 5, 8, labels)
     spec_path, run_dir = sample_spec(trained, "upsampled", source=upsampler, base_samples=base, num_samples=5,
                                      batch_size=2)
-    run_idiff("sample", spec_path)
+    idiff_in_process("sample", spec_path)
     out = output(run_dir, 5, size=16)
     assert out["arr_0"].shape == (5, 16, 16, 3) and out["arr_0"].dtype == np.uint8
     assert out["arr_1"].tolist() == labels

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, write_spec
-from conftest import idiff as run_idiff
+from conftest import TINY_MODEL, idiff_in_process, write_spec
 from test_data_prepare import CIFAR_CLASSES, add_pickle, encoded, lsun_lmdb
 
 import idiff.shards
@@ -188,7 +187,7 @@ def test_a_sample_rerun_redraws_corrupt_foreign_and_oversized_shards(released, t
     spec_path, run_dir = job_spec(tmp_path, "sample", "sample", {
         "model_path": str(released), "num_samples": 6, "batch_size": 2, "use_ddim": True,
         "timestep_respacing": "ddim2"})
-    run_idiff("sample", spec_path)
+    idiff_in_process("sample", spec_path)
     samples = run_dir / "samples"
     drawn = {p.name: p.read_bytes() for p in samples.iterdir()}
     output = (run_dir / "samples_6x16x16x3.npz").read_bytes()
@@ -198,7 +197,7 @@ def test_a_sample_rerun_redraws_corrupt_foreign_and_oversized_shards(released, t
     corrupt[len(corrupt) // 2] ^= 0xFF
     (samples / shard_name(0, 2)).write_bytes(bytes(corrupt))
     lying_npz(samples / shard_name(4, 6), (2, 40000, 40000, 3))
-    rerun = run_idiff("sample", spec_path)
+    rerun = idiff_in_process("sample", spec_path)
     assert "sampling 6 images (0 already in shards)" in rerun.stderr
     for name in (shard_name(0, 2), shard_name(2, 4), shard_name(4, 6)):
         assert f"{samples / name} does not count" in rerun.stderr
@@ -211,12 +210,12 @@ def test_an_nll_rerun_recomputes_a_corrupt_part(released, shapes_dir, tmp_path):
     spec_path, run_dir = job_spec(tmp_path, "evaluate", "nll", {
         "metrics": ["nll"], "model_path": str(released), "data_dir": shapes_dir, "num_samples": 2, "batch_size": 1},
         diffusion_steps=10)
-    run_idiff("evaluate", spec_path)
+    idiff_in_process("evaluate", spec_path)
     parts = run_dir / "eval" / "nll_parts"
     first = (parts / shard_name(1, 2)).read_bytes()
     nll = (run_dir / "eval" / "nll.json").read_text()
     (parts / shard_name(1, 2)).write_bytes(first[:-40])  # truncated
-    rerun = run_idiff("evaluate", spec_path)
+    rerun = idiff_in_process("evaluate", spec_path)
     assert f"{parts / shard_name(1, 2)} does not count" in rerun.stderr
     assert (parts / shard_name(1, 2)).read_bytes() == first
     assert (run_dir / "eval" / "nll.json").read_text() == nll

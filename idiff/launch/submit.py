@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import typing
 
 import submitit
 import yaml
@@ -22,8 +23,9 @@ from ..dist.env import RankEnv, port_for_job
 from ..dist.signals import PreemptionFlag
 from ..errors import UserError, guarded, report
 from ..run_dir import RunDir, check_run_dir, claim_run_dir
-from ..spec.load import apply_overrides, dump_spec, load_spec, parse_spec
-from ..spec.schema import refuse_control_characters
+from ..spec.load import apply_overrides, dump_spec, parse_spec
+from ..spec.schema import Resources, refuse_control_characters
+from .chain import CHAIN_EVENT, Stage, chain_record, check_chain, load_chain
 from .container import check_container, srun_options, wrap
 from .runner import EXIT_PREEMPTED, run_job
 
@@ -95,7 +97,8 @@ def container_setup(jobs_folder) -> list[str]:
     ]
 
 
-def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
+def executor_for(spec, local: bool = False, after: str | None = None) -> submitit.AutoExecutor:
+    """The executor of ``spec``'s job; ``after``: the Slurm job it waits for (afterok), in a chain."""
     r = spec.resources
     folder = os.path.join(spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs", "slurm", "%j")
     cluster = "local" if local else submitit.AutoExecutor.which()
@@ -114,8 +117,13 @@ def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
                            ("constraint", r.constraint)):
             if value:
                 params[f"slurm_{key}"] = value
-        if r.slurm_extra:
-            params["slurm_additional_parameters"] = dict(r.slurm_extra)
+        extra = dict(r.slurm_extra)
+        if after is not None:
+            # A stage whose predecessor failed or was cancelled can never start: Slurm cancels it (and so
+            # the rest of the chain) instead of leaving it pending with reason DependencyNeverSatisfied.
+            extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
+        if extra:
+            params["slurm_additional_parameters"] = extra
         if in_container:
             params["slurm_srun_args"] = srun_options(spec, os.getcwd())
             params["slurm_setup"] = container_setup(executor.folder.parent)
@@ -123,9 +131,8 @@ def executor_for(spec, local: bool = False) -> submitit.AutoExecutor:
     return executor
 
 
-def submit(spec, *, local=False, dry_run=False, force_new=False, out=None) -> str | None:
-    """Submit ``spec``; returns the job id (None for a dry run)."""
-    out = out or sys.stdout
+def check_submittable(spec, *, local=False, force_new=False) -> None:
+    """What must hold before ``spec`` is submitted; writes nothing."""
     try:
         refuse_control_characters(spec.run_dir)  # it becomes paths in the batch script
     except ValueError as err:
@@ -133,34 +140,86 @@ def submit(spec, *, local=False, dry_run=False, force_new=False, out=None) -> st
     if spec.resources.container is not None and not local:
         check_container(spec, os.getcwd())
     check_run_dir(spec, force_new)
+
+
+def submit(spec, *, local=False, dry_run=False, force_new=False, out=None) -> str | None:
+    """Submit ``spec``; returns the job id (None for a dry run)."""
+    job_ids = submit_chain([Stage(1, spec.run_dir, spec)], local=local, dry_run=dry_run, force_new=force_new, out=out)
+    return job_ids[0] if job_ids else None
+
+
+def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=False, out=None) -> list[str]:
+    """Submit the stages in order, each after the previous one succeeded (afterok); returns the job ids
+    (none for a dry run). Every stage is checked before the first is submitted."""
+    out = out or sys.stdout
+    chained = len(stages) > 1
+    on_slurm = not local and submitit.AutoExecutor.which() == "slurm"
+    if chained and not dry_run and not on_slurm:
+        raise UserError("a chain of specs needs Slurm (each stage waits for the previous one's success); "
+                        "without it, run the specs one after another")
+    for stage in stages:
+        try:
+            check_submittable(stage.spec, local=local, force_new=force_new)
+        except UserError as err:
+            raise UserError(f"{stage.label}: {err}" if chained else str(err)) from None
+    if chained:
+        check_chain(stages)
     if dry_run:
-        # submitit makes its log folder when the executor is made: a dry run leaves no folder behind it
-        made = [path for path in (spec.run_dir, "slurm-logs") if not storage.is_remote(path) and not os.path.exists(path)]
-        executor = executor_for(spec, local)
-        for path in made:
-            shutil.rmtree(path, ignore_errors=True)
-        print("# resolved spec", file=out)
-        print(dump_spec(spec), file=out)
-        print(f"# {executor.cluster} parameters", file=out)
-        print(yaml.safe_dump(executor._executor.parameters, sort_keys=True), file=out)
-        print(f"# each rank runs\n{executor._executor._submitit_command_str}", file=out)
-        return None
-    if not local and submitit.AutoExecutor.which() == "slurm":
-        _test_only(executor_for(spec))  # before the run dir is touched
+        for stage in stages:
+            _print_dry_run(stage.spec, local, f"<the job id of stage {stage.number - 1}>"
+                           if stage.number > 1 else None, out, f"# {stage.label}\n" if chained else "")
+        return []
+    if on_slurm:
+        for stage in stages:
+            _test_only(executor_for(stage.spec))  # before any run dir is touched
+    job_ids: list[str] = []
+    try:
+        for stage in stages:
+            job_ids.append(submit_one(stage.spec, local, force_new, after=job_ids[-1] if job_ids else None, out=out))
+    except UserError as err:
+        if job_ids:  # the chain is all or nothing: its first stages would run for nothing
+            subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+            raise UserError(f"{stages[len(job_ids)].label}: {err}; cancelled the stages submitted before it "
+                            f"(jobs {', '.join(job_ids)})") from None
+        raise
+    if chained:
+        record = chain_record(stages, job_ids)
+        for position, stage in enumerate(stages, start=1):
+            RunDir(stage.spec.run_dir).record(CHAIN_EVENT, stage=position, stages=record)
+        print(f"chain of {len(stages)} jobs: {' -> '.join(job_ids)}; follow it with `idiff status "
+              f"{stages[-1].spec.run_dir}`", file=out)
+    return job_ids
+
+
+def _print_dry_run(spec, local, after, out, heading) -> None:
+    # submitit makes its log folder when the executor is made: a dry run leaves no folder behind it
+    made = [path for path in (spec.run_dir, "slurm-logs") if not storage.is_remote(path) and not os.path.exists(path)]
+    executor = executor_for(spec, local, after=after)
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+    print(f"{heading}# resolved spec", file=out)
+    print(dump_spec(spec), file=out)
+    print(f"# {executor.cluster} parameters", file=out)
+    print(yaml.safe_dump(executor._executor.parameters, sort_keys=True), file=out)
+    print(f"# each rank runs\n{executor._executor._submitit_command_str}", file=out)
+
+
+def submit_one(spec, local, force_new, *, after, out, job=None) -> str:
+    """Take ``spec``'s run dir and submit ``job`` (default: the spec's own), after the Slurm job ``after``."""
     # Marked as this run's before submitit writes into it (its local executor makes its log folder as soon
     # as it is made), and before the job's own check.
     run_dir = claim_run_dir(spec, force_new)
-    executor = executor_for(spec, local)
+    executor = executor_for(spec, local, after=after)
     try:
-        job = executor.submit(SubmittedJob(spec.model_dump(mode="json")))
+        submitted = executor.submit(job or SubmittedJob(spec.model_dump(mode="json")))
     except Exception as err:  # sbatch's refusal arrives as submitit's FailedJobError with its stderr
         raise UserError(f"the scheduler refused the job: {str(err).strip()}") from None
-    run_dir.record("submit", kind=spec.kind, slurm_job_id=job.job_id if executor.cluster == "slurm" else None,
-                   nodes=spec.resources.nodes, world_size=spec.resources.world_size)
-    print(f"submitted job {job.job_id} ({executor.cluster}): {spec.name}", file=out)
+    run_dir.record("submit", kind=spec.kind, slurm_job_id=submitted.job_id if executor.cluster == "slurm" else None,
+                   nodes=spec.resources.nodes, world_size=spec.resources.world_size, after=after)
+    print(f"submitted job {submitted.job_id} ({executor.cluster}): {spec.name}", file=out)
     print(f"  run dir: {spec.run_dir}", file=out)
-    print(f"  logs:    {job.paths.stdout}\n           {job.paths.stderr}", file=out)
-    return job.job_id
+    print(f"  logs:    {submitted.paths.stdout}\n           {submitted.paths.stderr}", file=out)
+    return submitted.job_id
 
 
 def _test_only(executor) -> None:
@@ -175,32 +234,53 @@ def _test_only(executor) -> None:
         raise UserError(f"the scheduler refused the job: {(result.stderr or result.stdout).strip()}")
 
 
+def _scalar_type(annotation):
+    """int or str for a field of that type (optional or not; a constrained str is a str), else None."""
+    if typing.get_origin(annotation) in (dict, list):
+        return None
+    candidates = [a for a in (annotation, *typing.get_args(annotation)) if a is not type(None)]
+    for candidate in candidates:
+        base = typing.get_args(candidate)[0] if typing.get_origin(candidate) is typing.Annotated else candidate
+        if base in (int, str):
+            return base
+    return None
+
+
+# Resource fields that one command-line word can set; the sections (container, evaluate) and mappings cannot.
+RESOURCE_FLAGS = {name: field for name, field in Resources.model_fields.items()
+                  if _scalar_type(field.annotation) is not None}
+
+
 def _resource_overrides(args) -> list[str]:
-    pairs = (("nodes", args.nodes), ("gpus_per_node", getattr(args, "gpus_per_node", None)),
-             ("partition", getattr(args, "partition", None)), ("timeout_min", getattr(args, "time", None)))
-    return [f"resources.{key}={value}" for key, value in pairs if value is not None]
+    return [f"resources.{name}={getattr(args, name)}" for name in RESOURCE_FLAGS if getattr(args, name) is not None]
 
 
 def _common_arguments(parser):
-    parser.add_argument("--nodes", type=int, help="nodes (resources.nodes)")
+    group = parser.add_argument_group("resources (override the spec's resources section)")
+    for name, field in RESOURCE_FLAGS.items():
+        kind = _scalar_type(field.annotation)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar="N" if kind is int else "VALUE",
+                           help=f"{field.description} (resources.{name})")
     parser.add_argument("--local", action="store_true", help="run through submitit's local executor, not Slurm")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and sbatch parameters")
 
 
 @guarded("idiff-submit")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="idiff-submit", description="Submit a job spec to Slurm via submitit.")
-    parser.add_argument("spec", help="job spec YAML")
+    parser = argparse.ArgumentParser(prog="idiff-submit", description=(
+        "Submit job specs to Slurm via submitit. Several specs form a chain: each job starts once the previous "
+        "one succeeded (afterok), and when one fails or is cancelled Slurm cancels the rest. The chain is "
+        "checked first (`idiff validate --chain` does the same): every path a stage reads is written by an "
+        "earlier stage or exists. In a chain, the resource flags and --set change the training stages only; "
+        "sampling and evaluation keep their specs' resources."))
+    parser.add_argument("specs", nargs="+", metavar="spec", help="job spec YAML; several: a chain, in order")
     _common_arguments(parser)
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node, one rank each (resources.gpus_per_node)")
-    parser.add_argument("--partition", help="Slurm partition (resources.partition)")
-    parser.add_argument("--time", type=int, help="time limit per job, minutes (resources.timeout_min)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--force-new", action="store_true", help="move a run dir of another spec aside")
     args = parser.parse_args(argv)
     try:
-        spec = load_spec(args.spec, [*args.overrides, *_resource_overrides(args)])
-        submit(spec, local=args.local, dry_run=args.dry_run, force_new=args.force_new)
+        stages = load_chain(args.specs, [*args.overrides, *_resource_overrides(args)])
+        submit_chain(stages, local=args.local, dry_run=args.dry_run, force_new=args.force_new)
     except UserError as err:
         return report(err, "idiff-submit")
     return 0

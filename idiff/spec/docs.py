@@ -11,11 +11,13 @@ from .schema import (
     ModelSection,
     Resources,
     SampleSection,
+    TrainEvaluateSection,
     TrainSection,
 )
 
 SECTIONS = [
     ("model", ModelSection), ("diffusion", DiffusionSection), ("train", TrainSection),
+    ("train.evaluate", TrainEvaluateSection),
     ("sample", SampleSection), ("evaluate", EvaluateSection), ("resources", Resources),
     ("resources.container", ContainerSection),
 ]

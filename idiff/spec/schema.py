@@ -20,7 +20,7 @@ from ..diffusion.samplers import MIN_STEPS, ODE_SAMPLERS, SAMPLERS
 from ..diffusion.schedules import SCHEDULES, get_named_beta_schedule
 from ..diffusion.timestep_sampler import SCHEDULE_SAMPLERS
 from ..errors import brief
-from ..factory import _attention_factors, parse_channel_mult
+from ..models.architecture import attention_factors, parse_channel_mult
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -80,7 +80,7 @@ class ModelSection(Section):
             raise ValueError(f"channel_mult {','.join(map(str, mult))} has {len(mult)} levels, which halve the "
                              f"image {len(mult) - 1} times: the size ({size} px) must be a multiple of "
                              f"{2 ** (len(mult) - 1)}; use fewer levels")
-        attended = _attention_factors(self.attention_resolutions, size)
+        attended = attention_factors(self.attention_resolutions, size)
         upsample_heads = self.num_heads_upsample if self.num_heads_upsample > 0 else self.num_heads
         for level, m in enumerate(mult):
             heads = {}
@@ -119,8 +119,8 @@ class DiffusionSection(Section):
     def _chain_is_valid(self):
         betas = get_named_beta_schedule(self.noise_schedule, self.diffusion_steps)
         if not (betas.min() > 0 and betas.max() <= 1):
-            raise ValueError(f"the {self.noise_schedule} schedule with diffusion_steps {self.diffusion_steps} has betas "
-                             f"up to {betas.max():.3g}; each must lie in (0, 1]: use more steps")
+            raise ValueError(f"the {self.noise_schedule} schedule with diffusion_steps {self.diffusion_steps} has "
+                             f"betas up to {betas.max():.3g}; each must lie in (0, 1]: use more steps")
         check_respacing(self.timestep_respacing, self.diffusion_steps, "timestep_respacing")
         return self
 
@@ -150,6 +150,8 @@ class TrainSection(Section):
     max_images: PositiveInt | None = Field(None, description="stop once this many images were seen")
     save_interval: PositiveInt = Field(10000, description="steps between checkpoints")
     log_interval: PositiveInt = Field(10, description="steps between log.jsonl / progress.csv rows")
+    tensorboard: bool = Field(False, description="also write the logged scalars and preview grids to tensorboard/ "
+                              "in the run dir (needs pip install 'idiff[tensorboard]')")
     precision: Precision = Field("fp32", description="fp32; bf16 autocast; fp16 autocast with a GradScaler")
     seed: int = Field(0, ge=0, description="derives all noise, timesteps, data order and flips")
     resume_checkpoint: str = Field("", description="start from this model*.pt (a released .pt fine-tunes)")
@@ -163,6 +165,8 @@ class TrainSection(Section):
     max_nonfinite_steps: PositiveInt = Field(20, description="stop after this many non-finite steps in a row")
     deterministic: bool = Field(False, description="torch deterministic algorithms (bitwise-repeatable runs)")
     compile: bool = Field(False, description="torch.compile the model (compile time is logged)")
+    evaluate: "TrainEvaluateSection | None" = Field(None, description=(
+        "evaluate every N-th checkpoint during training (section train.evaluate); none = no evaluations"))
 
     @field_validator("ema_rate")
     @classmethod
@@ -187,6 +191,13 @@ class TrainSection(Section):
             raise ValueError(f"lr_anneal_steps ({self.lr_anneal_steps}) is shorter than the run ({self.total_steps} "
                              f"steps): the learning rate would reach 0 at step {self.lr_anneal_steps}; set "
                              f"lr_anneal_steps to at least {self.total_steps}, or 0 for a constant rate")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluations_at_checkpoints(self):
+        if self.evaluate is not None and self.evaluate.every % self.save_interval:
+            raise ValueError(f"evaluate.every ({self.evaluate.every}) must be a multiple of save_interval "
+                             f"({self.save_interval}): only checkpoints are evaluated")
         return self
 
     @property
@@ -316,7 +327,8 @@ Metric = Literal["nll", "fid", "inception_score", "precision_recall"]
 class EvaluateSection(ModelSource):
     """``nll`` runs a model over real images; the other metrics compare two image sets."""
 
-    metrics: list[Metric] = Field(description="which metrics to compute")
+    metrics: list[Metric] = Field(default_factory=lambda: ["nll"], min_length=1, description=(
+        "which metrics to compute, a list or 'nll,fid'; the default is what the original's image_nll.py computes"))
     data_dir: str | None = Field(None, description="nll: images to evaluate")
     num_samples: PositiveInt = Field(1000, description="nll: images to evaluate")
     batch_size: PositiveInt = Field(16, description="nll: GLOBAL batch")
@@ -325,6 +337,14 @@ class EvaluateSection(ModelSource):
     samples: str | None = Field(None, description="generated images: a .npz or a sample run dir")
     reference: str | None = Field(None, description="real images: a folder or a .npz batch")
     inception_weights: str | None = Field(None, description="pt_inception-2015-12-05 weights file (offline nodes)")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        """The original's flag form ``--metrics nll,fid`` (and YAML's ``metrics: nll``) is a string."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @model_validator(mode="after")
     def _inputs_for_metrics(self):
@@ -335,6 +355,56 @@ class EvaluateSection(ModelSource):
         if set(self.metrics) - {"nll"} and not (self.samples and self.reference):
             raise ValueError("fid / inception_score / precision_recall need samples and reference")
         return self
+
+
+class TrainEvaluateSection(Section):
+    """train.evaluate: the evaluate section without its weights source, run on checkpoints during training.
+
+    At every ``every``-th step's complete checkpoint its (EMA) weights are evaluated; FID / IS / PR first
+    draw images from them as the ``sample`` section says."""
+
+    every: PositiveInt = Field(description="evaluate the checkpoint of every N-th step; a multiple of save_interval")
+    use_ema: float | bool = ModelSource.model_fields["use_ema"]
+    metrics: list[Metric] = EvaluateSection.model_fields["metrics"]
+    data_dir: str | None = EvaluateSection.model_fields["data_dir"]
+    num_samples: PositiveInt = EvaluateSection.model_fields["num_samples"]
+    batch_size: PositiveInt = EvaluateSection.model_fields["batch_size"]
+    clip_denoised: bool = EvaluateSection.model_fields["clip_denoised"]
+    seed: int = EvaluateSection.model_fields["seed"]
+    reference: str | None = EvaluateSection.model_fields["reference"]
+    inception_weights: str | None = EvaluateSection.model_fields["inception_weights"]
+    sample: dict = Field(default_factory=dict, description=(
+        "fid / inception_score / precision_recall: the sample section of the images drawn for them, without "
+        "its weights source (num_samples, batch_size, sampler, steps, ...)"))
+
+    def evaluate_section(self, from_run: str, checkpoint: int, samples: str | None) -> EvaluateSection:
+        """The evaluate section of the evaluation of ``checkpoint`` of the run ``from_run``."""
+        fields = self.model_dump(exclude={"every", "sample"})
+        return EvaluateSection(**fields, from_run=from_run, checkpoint=checkpoint, samples=samples)
+
+    def sample_section(self, from_run: str, checkpoint: int) -> SampleSection:
+        """The sample section of the images that FID / IS / PR of ``checkpoint`` compare."""
+        return SampleSection(**self.sample, from_run=from_run, checkpoint=checkpoint, use_ema=self.use_ema)
+
+    @property
+    def needs_samples(self) -> bool:
+        return bool(set(self.metrics) - {"nll"})
+
+    @model_validator(mode="after")
+    def _complete(self):
+        source = {"model_path", "from_run", "checkpoint", "use_ema"} & set(self.sample)
+        if source:
+            raise ValueError(f"sample: {', '.join(sorted(source))} is not set here: the weights are each "
+                             f"evaluated checkpoint's (use_ema chooses which)")
+        if self.needs_samples and not self.reference:
+            raise ValueError(f"{', '.join(m for m in self.metrics if m != 'nll')} needs reference (real images)")
+        self.evaluate_section("(this run)", 0, "(drawn)" if self.needs_samples else None)
+        if self.needs_samples:
+            self.sample_section("(this run)", 0)
+        return self
+
+
+TrainSection.model_rebuild()
 
 
 # Values of these sections reach sbatch scripts and command lines. A newline there would start a new
@@ -395,7 +465,7 @@ class ContainerSection(Section):
         return mounts
 
 
-class Resources(Section):
+class JobResources(Section):
     """What the scheduler is asked for; ignored by local runs."""
 
     nodes: PositiveInt = Field(1, description="nodes")
@@ -449,6 +519,17 @@ class Resources(Section):
         return self.nodes * self.ranks_per_node
 
 
+class Resources(JobResources):
+    """What the scheduler is asked for; ignored by local runs."""
+
+    evaluate: JobResources | None = Field(None, description=(
+        "the jobs of train.evaluate under Slurm; none = these resources on one node"))
+
+    def for_evaluations(self) -> "Resources":
+        """The resources of one evaluation job during training."""
+        return Resources(**(self.evaluate or self.model_copy(update={"nodes": 1})).model_dump(exclude={"evaluate"}))
+
+
 class Job(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name")
     run_dir: str | None = Field(None, description="outputs; default $OPENAI_LOGDIR, else runs/<name>")
@@ -491,7 +572,8 @@ class ModelJob(Job):
     @model_validator(mode="after")
     def _architecture_known(self):
         if self.source.model_path and self.model is None:
-            raise ValueError(f"{self.kind}.model_path needs the model section (the flags the checkpoint was trained with)")
+            raise ValueError(f"{self.kind}.model_path needs the model section (the flags the checkpoint was trained "
+                             "with)")
         return self
 
 
