@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,eval,lsun,mpi]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval,lsun,mpi,tensorboard]'
 	touch $@
 
 install: $(VENV)/.installed
