@@ -39,6 +39,11 @@ def test_bad_evaluate_sections_are_exit_2(capsys, tmp_path, shapes_dir, evaluate
     assert message in err and "Traceback" not in err
 
 
+def test_metrics_take_the_comma_form_of_the_evaluate_section(tmp_path, shapes_dir):
+    spec = spec_with(tmp_path, shapes_dir, {"every": 2, "metrics": "nll, fid", "reference": "r", "data_dir": "d"})
+    assert parse_spec(spec).train.evaluate.metrics == ["nll", "fid"]
+
+
 def test_local_run_evaluates_every_nth_checkpoint_once(capsys, tmp_path, shapes_dir):
     spec = spec_with(tmp_path, shapes_dir, {"every": 2, **NLL, "data_dir": shapes_dir})
     assert idiff_main(["train", write_spec(tmp_path / "t.yaml", spec)]) == 0

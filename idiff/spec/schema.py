@@ -376,6 +376,7 @@ class TrainEvaluateSection(Section):
     sample: dict = Field(default_factory=dict, description=(
         "fid / inception_score / precision_recall: the sample section of the images drawn for them, without "
         "its weights source (num_samples, batch_size, sampler, steps, ...)"))
+    _comma_list = field_validator("metrics", mode="before")(EvaluateSection._comma_list.__func__)
 
     def evaluate_section(self, from_run: str, checkpoint: int, samples: str | None) -> EvaluateSection:
         """The evaluate section of the evaluation of ``checkpoint`` of the run ``from_run``."""
