@@ -1,13 +1,17 @@
 """train.tensorboard: MetricsLog's scalars and preview images land in event files that TensorBoard reads back."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
+from conftest import tiny_spec
 
 from idiff.errors import UserError
+from idiff.run_dir import claim_run_dir
 from idiff.spec.load import parse_spec
 from idiff.train import metrics
+from idiff.train.evaluations import record_evaluation
 from idiff.train.metrics import MetricsLog, check_tensorboard
 
 pytest.importorskip("tensorboard")
@@ -54,3 +58,15 @@ def test_a_spec_asking_for_tensorboard_without_it_installed_is_a_user_error(monk
     with pytest.raises(UserError):
         MetricsLog(tmp_path, tensorboard=True)
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_evaluations_during_training_are_scalars_of_the_run(tmp_path, shapes_dir):
+    spec = tiny_spec(shapes_dir, tmp_path / "run")
+    spec["train"]["tensorboard"] = True
+    claim_run_dir(parse_spec(spec))
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "metrics.json").write_text(json.dumps({"fid": {"fid": 31.5}, "nll": {"bpd": 3.25}}))
+    record_evaluation(tmp_path / "run", 8, tmp_path / "scores", None)
+    events = read_events(tmp_path / "run" / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("eval/fid")] == [(8, 31.5)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/nll_bpd")] == [(8, 3.25)]

@@ -18,6 +18,7 @@ import json
 from .. import storage
 from ..run_dir import RunDir, utc_now
 from ..spec.load import parse_spec
+from .metrics import summary_writer
 
 SUBMITTED = "submitted.json"  # in evals/<step>/: the Slurm jobs of that step's evaluation
 # metric -> {number in its eval/<metric>.json: name in evals.jsonl and metrics.png}
@@ -59,6 +60,12 @@ def record_evaluation(train_run_dir, step: int, evaluate_run_dir, job_id: str | 
     run = RunDir(train_run_dir)
     storage.append_text(run.evals_log, json.dumps(row) + "\n")
     plot_evaluations(sorted(evaluated_steps(run.path).values(), key=lambda r: r["step"]), run.evals_plot)
+    train_spec = run.saved_job()
+    if train_spec is not None and train_spec.train.tensorboard:  # beside the training's: TensorBoard reads them all
+        board = summary_writer(run.tensorboard)
+        for name, value in metrics.items():
+            board.add_scalar(f"eval/{name}", value, step)
+        board.close()
     return row
 
 

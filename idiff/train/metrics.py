@@ -85,7 +85,7 @@ class MetricsLog:
         self.jsonl, self.csv = run_dir.log_file, run_dir.progress_file
         self._columns = None  # progress.csv's header, read once
         self._history = None  # the LossHistory of log.jsonl, read once
-        self._board = _summary_writer(run_dir.tensorboard) if tensorboard else None
+        self._board = summary_writer(run_dir.tensorboard) if tensorboard else None
 
     def write(self, row: dict) -> None:
         history = self._loss_history()  # read before this row is in the file
@@ -243,7 +243,7 @@ def check_tensorboard(spec) -> None:
         require_tensorboard()
 
 
-def _summary_writer(folder: str):
+def summary_writer(folder: str):
     require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter  # imported only when on: it pulls in tensorboard
 
