@@ -309,12 +309,15 @@ def test_mpiexec_without_mpi4py_names_the_extra(capsys, monkeypatch, tmp_path, g
 def test_ctrl_c_outside_a_run_exits_130_in_one_line(capsys, tmp_path):
     fifo = tmp_path / "spec.yaml"
     os.mkfifo(fifo)  # reading it waits for a writer: the user presses Ctrl-C meanwhile
+    # Python's own handler, as in a terminal: a test run started in the background inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert idiff_main(["validate", str(fifo)]) == 130
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err == "idiff: interrupted\n"
 
