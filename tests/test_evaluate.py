@@ -111,7 +111,8 @@ def test_fid_is_and_precision_recall_of_a_sample_run_against_its_image_files(ima
         assert json.loads((run_dir / "eval" / f"{name}.json").read_text()) == metrics[name]
         assert metrics[name]["num_samples"] == metrics[name]["num_reference"] == NUM_IMAGES
     assert abs(metrics["fid"]["fid"]) < 1e-3
-    assert metrics["inception_score"]["mean"] >= 1 and np.isfinite(metrics["inception_score"]["std"])
+    # IS is at least 1; with one thread it came out as 1 - 1e-16
+    assert metrics["inception_score"]["mean"] >= 1 - 1e-9 and np.isfinite(metrics["inception_score"]["std"])
     assert metrics["precision_recall"]["precision"] == metrics["precision_recall"]["recall"] == 1
 
 
