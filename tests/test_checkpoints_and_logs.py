@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_tensors, final_files, idiff, load, tiny_spec, write_spec
+from conftest import assert_same_tensors, final_files, idiff, load, require_service, tiny_spec, write_spec
 
 from idiff.checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files
 from idiff.cli import main
@@ -121,8 +121,8 @@ def small_disk(tmp_path):
     mount.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
                             text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.strip()}; "
+    require_service(None if result.returncode == 0 else
+                    f"cannot mount a small tmpfs here (needs root): {result.stderr.strip()}; "
                     f"test_a_failed_background_write_... covers the cleanup in-process")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
