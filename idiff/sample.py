@@ -53,8 +53,10 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
     base = _base_samples(s, flags["small_size"] if super_res else None, class_cond)
 
     run_dir = hooks.begin()
-    if source.classes and env.is_main:  # the names of the labels in arr_1, from the training run
-        storage.atomic_write_text(run_dir.classes_file, json.dumps(source.classes, indent=1))
+    if env.is_main:
+        run_dir.record("weights", **source.record())
+        if source.classes:  # the names of the labels in arr_1, from the training run
+            storage.atomic_write_text(run_dir.classes_file, json.dumps(source.classes, indent=1))
 
     def shard_arrays(start, end):
         arrays = {"arr_0": ((end - start, image_size, image_size, 3), np.uint8)}
@@ -67,7 +69,8 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
             for part in missing_parts(a, b, covered)]
     if env.is_main:
         done = sum(b - a for a, b in covered)
-        print(f"idiff: sampling {s.num_samples} images ({done} already in shards), {env.describe()}",
+        print(f"idiff: sampling {s.num_samples} images ({done} already in shards) from {source.describe()}, "
+              f"{env.describe()}",
               file=sys.stderr, flush=True)
     # One line per shard where no terminal shows a bar: rank 0's shards, whose pace is every rank's.
     progress = Progress(sum(b - a for a, b in todo), desc=f"sample {spec.name}", unit="img", enabled=env.is_main,

@@ -21,6 +21,19 @@ class Weights:
     path: str
     classes: list[str] | None = None  # class names, index = label, when known
     field: str = "model_path"  # the spec field that chose these weights, for messages
+    step: int | None = None  # the checkpoint's step, with from_run
+    ema_rate: float | None = None  # the EMA rate of these weights; None: the raw model weights (or unknown)
+
+    def describe(self) -> str:
+        """What a job's first line and its run dir say about the weights it uses."""
+        if self.step is None:
+            return f"weights {self.path}"
+        kind = f"EMA {self.ema_rate}" if self.ema_rate is not None else "raw (non-EMA) model"
+        return f"checkpoint step {self.step} of {self.path.rsplit('/checkpoints/', 1)[0]}, {kind} weights"
+
+    def record(self) -> dict:
+        """The same, as fields of the run dir's history."""
+        return {"weights": self.path, "checkpoint_step": self.step, "ema_rate": self.ema_rate}
 
     def build(self, device, timestep_respacing=None):
         """(model in eval mode with these weights, diffusion with the given respacing)."""
@@ -105,11 +118,16 @@ def resolve(spec, source) -> Weights:
     step = store.latest_complete() if source.checkpoint == "latest" else source.checkpoint
     if step is None:
         raise UserError(f"from_run: {run.path} has no complete checkpoint yet")
-    problem = store.problem(step) if step in store.steps() else "it does not exist"
+    if step not in store.steps():
+        usable = [s for s in store.steps() if not store.problem(s)]
+        raise UserError(f"checkpoint: step {step} of {run.path} does not exist; its complete checkpoints are at steps "
+                        f"{', '.join(map(str, usable)) or '(none yet)'}")
+    problem = store.problem(step)
     if problem:
         raise UserError(f"checkpoint {step} of {run.path} cannot be used: {problem}")
     files = checkpoint_files(step, train_spec.train.ema_rates)
     rates = train_spec.train.ema_rates
+    rate = None
     if source.use_ema is False:
         name = files["model"]
     else:
@@ -122,7 +140,8 @@ def resolve(spec, source) -> Weights:
     flags = train_spec.model_flags()
     if getattr(spec, "diffusion", None) is not None:
         flags.update(spec.diffusion.model_dump())
-    return Weights(flags, store.path(name), _class_names(run.classes_file), field=f"{spec.kind}.from_run")
+    return Weights(flags, store.path(name), _class_names(run.classes_file), field=f"{spec.kind}.from_run", step=step,
+                   ema_rate=rate)
 
 
 def _class_names(path) -> list[str] | None:

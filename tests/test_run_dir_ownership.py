@@ -102,6 +102,7 @@ def test_a_run_dir_from_before_the_mark_resumes_and_is_marked(tmp_path, shapes_d
 
 
 def test_a_dry_run_leaves_no_folder_behind(tmp_path, capsys):
+    (tmp_path / "data").mkdir()  # a dry run checks the paths a run reads
     assert submit_main([submitted(tmp_path, tmp_path / "run"), "--local", "--dry-run"]) == 0
     assert "# resolved spec" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()

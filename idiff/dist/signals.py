@@ -26,6 +26,9 @@ class PreemptionFlag:
     def __init__(self):
         self.received: str | None = None
         self._previous = {}
+        # Python may run a handler inside another one (a signal and its forwarded copy arrive together): a
+        # check-then-set of ``received`` would let both through, so the first takes this lock and keeps it.
+        self._first = threading.Lock()
 
     def install(self) -> "PreemptionFlag":
         for sig in PREEMPTION_SIGNALS:
@@ -38,7 +41,7 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if not self._first.acquire(blocking=False):
             return
         self.received = signal.Signals(signum).name
         print(f"idiff: received {self.received}; will checkpoint at the next step boundary", file=sys.stderr,

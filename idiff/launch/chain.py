@@ -92,17 +92,37 @@ def check_chain(stages: list[Stage]) -> None:
             if _key(other.spec.run_dir) == _key(stage.spec.run_dir):
                 raise UserError(f"{stage.label}: run_dir {stage.spec.run_dir} is also the run dir of {other.label}; "
                                 f"give each stage its own")
+    chained = len(stages) > 1
     for stage in stages:
         for field, path, what in reads(stage.spec):
             writer = next((s for s in stages if _inside(_key(path), _key(s.spec.run_dir))), None)
             if writer is None:
                 if not storage.exists(path):
-                    raise UserError(f"{stage.label}: {field}: {path} does not exist and no earlier stage writes it")
+                    raise UserError(f"{stage.label}: {field}: {path} does not exist and no earlier stage writes it"
+                                    if chained else f"{field}: {path} does not exist")
                 continue
+            if writer is stage:
+                raise UserError(f"{stage.label if chained else stage.path}: {field}: {path} lies inside the job's own "
+                                f"run_dir {stage.spec.run_dir}: a job cannot read what it writes; give it another "
+                                f"run_dir")
             if writer.number >= stage.number:
                 raise UserError(f"{stage.label}: {field}: {path} is written by {writer.label}, which does not run "
                                 f"before it: order the specs so that {writer.path} comes first")
             _check_output(stage, field, path, what, writer, stages)
+        if stage.spec.kind != "train" and not any(s.spec.kind == "train" and s.number < stage.number
+                                                  for s in stages):
+            _check_weights(stage, chained)
+
+
+def _check_weights(stage: Stage, chained: bool) -> None:
+    """The weights a sample or evaluate stage loads exist now (no earlier stage trains them): the checkpoint
+    step and EMA rate it asks for, without reading a tensor."""
+    from ..weights import resolve
+
+    try:
+        resolve(stage.spec, stage.spec.source)
+    except UserError as err:
+        raise UserError(f"{stage.label}: {err}" if chained else str(err)) from None
 
 
 def _check_output(stage, field, path, what, writer, stages) -> None:

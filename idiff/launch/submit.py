@@ -97,37 +97,52 @@ def container_setup(jobs_folder) -> list[str]:
     ]
 
 
-def executor_for(spec, local: bool = False, after: str | None = None) -> submitit.AutoExecutor:
-    """The executor of ``spec``'s job; ``after``: the Slurm job it waits for (afterok), in a chain."""
+def _jobs_folder(spec) -> str:
+    """submitit's folder of each of ``spec``'s jobs (``%j``: the job id)."""
+    base = spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs"
+    return os.path.abspath(os.path.join(base, "slurm", "%j"))
+
+
+def executor_parameters(spec, cluster: str, after: str | None = None) -> dict:
+    """submitit's parameters of ``spec``'s job on ``cluster`` ("slurm" or "local"); ``after``: the Slurm job it
+    waits for (afterok), in a chain. Pure: a dry run prints them where no Slurm is reachable."""
     r = spec.resources
-    folder = os.path.join(spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs", "slurm", "%j")
-    cluster = "local" if local else submitit.AutoExecutor.which()
-    in_container = r.container is not None and cluster == "slurm"
-    python = {"slurm_python": shlex.join(wrap(spec, ["python"], os.getcwd()))} if in_container else {}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=r.max_requeues, **python)
-    params = dict(name=spec.name, nodes=r.nodes, tasks_per_node=r.ranks_per_node, cpus_per_task=r.cpus_per_task,
+    # Locally, the ranks of every node run on this one machine (training is world-size independent).
+    nodes, ranks_per_node = (r.nodes, r.ranks_per_node) if cluster == "slurm" else (1, r.world_size)
+    params = dict(name=spec.name, nodes=nodes, tasks_per_node=ranks_per_node, cpus_per_task=r.cpus_per_task,
                   timeout_min=r.timeout_min)
     if r.gpus_per_node:
         params["gpus_per_node"] = r.gpus_per_node
     if r.mem_gb:
         params["mem_gb"] = r.mem_gb
-    if executor.cluster == "slurm":
-        params["slurm_signal_delay_s"] = r.signal_delay_s
-        for key, value in (("partition", r.partition), ("account", r.account), ("qos", r.qos),
-                           ("constraint", r.constraint)):
-            if value:
-                params[f"slurm_{key}"] = value
-        extra = dict(r.slurm_extra)
-        if after is not None:
-            # A stage whose predecessor failed or was cancelled can never start: Slurm cancels it (and so
-            # the rest of the chain) instead of leaving it pending with reason DependencyNeverSatisfied.
-            extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
-        if extra:
-            params["slurm_additional_parameters"] = extra
-        if in_container:
-            params["slurm_srun_args"] = srun_options(spec, os.getcwd())
-            params["slurm_setup"] = container_setup(executor.folder.parent)
-    executor.update_parameters(**params)
+    if cluster != "slurm":
+        return params
+    params["slurm_signal_delay_s"] = r.signal_delay_s
+    for key, value in (("partition", r.partition), ("account", r.account), ("qos", r.qos),
+                       ("constraint", r.constraint)):
+        if value:
+            params[f"slurm_{key}"] = value
+    extra = dict(r.slurm_extra)
+    if after is not None:
+        # A stage whose predecessor failed or was cancelled can never start: Slurm cancels it (and so
+        # the rest of the chain) instead of leaving it pending with reason DependencyNeverSatisfied.
+        extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    if r.container is not None:
+        params["slurm_srun_args"] = srun_options(spec, os.getcwd())
+        params["slurm_setup"] = container_setup(os.path.dirname(_jobs_folder(spec)))
+    return params
+
+
+def executor_for(spec, local: bool = False, after: str | None = None) -> submitit.AutoExecutor:
+    """The executor of ``spec``'s job; ``after``: the Slurm job it waits for (afterok), in a chain."""
+    cluster = "local" if local else "slurm"
+    in_container = spec.resources.container is not None and cluster == "slurm"
+    python = {"slurm_python": shlex.join(wrap(spec, ["python"], os.getcwd()))} if in_container else {}
+    executor = submitit.AutoExecutor(folder=_jobs_folder(spec), cluster=cluster,
+                                     slurm_max_num_timeout=spec.resources.max_requeues, **python)
+    executor.update_parameters(**executor_parameters(spec, cluster, after))
     return executor
 
 
@@ -148,13 +163,38 @@ def submit(spec, *, local=False, dry_run=False, force_new=False, out=None) -> st
     return job_ids[0] if job_ids else None
 
 
+def slurm_unreachable() -> str | None:
+    """Why Slurm cannot take a job from this machine, or None when it can."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found on PATH"
+    return None
+
+
+def destination(spec, cluster: str) -> str:
+    """Where ``spec``'s job goes, in one line: the first thing a submission says."""
+    r = spec.resources
+    ranks = f"{r.nodes} node{'s' if r.nodes > 1 else ''} x {r.ranks_per_node} rank{'s' if r.ranks_per_node > 1 else ''}"
+    if cluster != "slurm":
+        return f"{spec.name}: here, on this machine (submitit's local executor), {r.world_size} rank(s)"
+    return (f"{spec.name}: Slurm, partition {r.partition or '(the cluster default)'}, account "
+            f"{r.account or '(your default)'}, {ranks}, {r.gpus_per_node} GPU(s) per node")
+
+
+def _notes(spec, cluster: str) -> list[str]:
+    if cluster == "slurm" and spec.resources.gpus_per_node == 0:
+        return [f"note: {spec.name}: resources.gpus_per_node is 0: every rank runs on CPUs (give --gpus-per-node N "
+                f"for GPU nodes)"]
+    return []
+
+
 def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=False, out=None) -> list[str]:
     """Submit the stages in order, each after the previous one succeeded (afterok); returns the job ids
-    (none for a dry run). Every stage is checked before the first is submitted."""
+    (none for a dry run). Every stage is checked before the first is submitted, and a dry run checks
+    all that a submission does: only Slurm's own answer (sbatch --test-only) needs Slurm."""
     out = out or sys.stdout
     chained = len(stages) > 1
-    on_slurm = not local and submitit.AutoExecutor.which() == "slurm"
-    if chained and not dry_run and not on_slurm:
+    if chained and local:
         raise UserError("a chain of specs needs Slurm (each stage waits for the previous one's success); "
                         "without it, run the specs one after another")
     for stage in stages:
@@ -162,14 +202,27 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
             check_submittable(stage.spec, local=local, force_new=force_new)
         except UserError as err:
             raise UserError(f"{stage.label}: {err}" if chained else str(err)) from None
-    if chained:
-        check_chain(stages)
+    check_chain(stages)
+    cluster = "local" if local else "slurm"
+    unreachable = None if local else slurm_unreachable()
+    if unreachable and not dry_run:
+        raise UserError(f"no Slurm reachable from this machine ({unreachable}): load your cluster's Slurm "
+                        f"environment (e.g. `module load slurm`), or run the job on this machine on purpose with "
+                        f"--local; `--dry-run` shows what would be submitted")
+    for stage in stages:
+        print(("would submit " if dry_run else "submitting ") + destination(stage.spec, cluster), file=out)
+        for note in _notes(stage.spec, cluster):
+            print(note, file=out)
     if dry_run:
         for stage in stages:
             _print_dry_run(stage.spec, local, f"<the job id of stage {stage.number - 1}>"
-                           if stage.number > 1 else None, out, f"# {stage.label}\n" if chained else "")
+                           if stage.number > 1 else None, out, f"# {stage.label}\n" if chained else "",
+                           slurm_reachable=not unreachable)
+        if unreachable:
+            print(f"note: no Slurm reachable from this machine ({unreachable}): the spec checks passed, "
+                  f"Slurm's own (sbatch --test-only) did not run; a submission from here is refused", file=out)
         return []
-    if on_slurm:
+    if not local:
         for stage in stages:
             _test_only(executor_for(stage.spec))  # before any run dir is touched
     job_ids: list[str] = []
@@ -191,14 +244,19 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
     return job_ids
 
 
-def _print_dry_run(spec, local, after, out, heading) -> None:
+def _print_dry_run(spec, local, after, out, heading, slurm_reachable) -> None:
+    cluster = "local" if local else "slurm"
+    print(f"{heading}# resolved spec", file=out)
+    print(dump_spec(spec), file=out)
+    if not (local or slurm_reachable):  # submitit's Slurm executor needs srun even to print its sbatch options
+        print(f"# {cluster} parameters, as idiff gives them to submitit", file=out)
+        print(yaml.safe_dump(executor_parameters(spec, cluster, after), sort_keys=True), file=out)
+        return
     # submitit makes its log folder when the executor is made: a dry run leaves no folder behind it
     made = [path for path in (spec.run_dir, "slurm-logs") if not storage.is_remote(path) and not os.path.exists(path)]
     executor = executor_for(spec, local, after=after)
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
-    print(f"{heading}# resolved spec", file=out)
-    print(dump_spec(spec), file=out)
     print(f"# {executor.cluster} parameters", file=out)
     print(yaml.safe_dump(executor._executor.parameters, sort_keys=True), file=out)
     print(f"# each rank runs\n{executor._executor._submitit_command_str}", file=out)
