@@ -35,7 +35,7 @@ from idiff.diffusion.draw import draw_samples
 from idiff.diffusion.ode_samplers import SPACINGS, level_at
 from idiff.diffusion.samplers import ODE_SAMPLERS
 from idiff.factory import diffusion_from_flags
-from idiff.spec.load import parse_spec
+from idiff.jobspec.load import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -14,7 +14,7 @@ from .factory import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from .spec.flags import add_dict_to_argparser, args_to_dict, str2bool
+from .jobspec.flags import add_dict_to_argparser, args_to_dict, str2bool
 
 __version__ = "0.1.0"
 __all__ = [

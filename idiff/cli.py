@@ -9,7 +9,7 @@ RUN_KINDS = ("train", "sample", "evaluate")
 
 
 def _add_run_command(subparsers, kind):
-    from .spec.flags import add_flag_arguments
+    from .jobspec.flags import add_flag_arguments
 
     p = subparsers.add_parser(kind, help=f"run a {kind} job", description=(
         f"Run a {kind} job from a YAML spec and/or the original scripts' flags (flags override the spec)."))
@@ -26,8 +26,8 @@ def _add_run_command(subparsers, kind):
 
 def build_spec(kind: str, args) -> "object":
     """Spec file (if any) + original flags + --set overrides, validated."""
-    from .spec.flags import flag_values, merge, spec_from_flags
-    from .spec.load import SpecError, apply_overrides, parse_spec, read_spec_data
+    from .jobspec.flags import flag_values, merge, spec_from_flags
+    from .jobspec.load import SpecError, apply_overrides, parse_spec, read_spec_data
 
     fragment = flag_values(args, kind)
     if getattr(args, "name", None):
@@ -56,24 +56,26 @@ def _without_nproc(argv):
 
 
 def _run(args, argv) -> int:
-    from .dist.env import detect_rank_env
-    from .dist.signals import PreemptionFlag
+    from .launch.hooks import hooks_for
     from .launch.runner import exit_code, run_job
+    from .ranks.env import detect_rank_env
+    from .ranks.signals import PreemptionFlag
     from .run_dir import check_run_dir
 
     spec = build_spec(args.command, args)
-    if args.nproc > 1 and detect_rank_env().world_size == 1:
+    env = detect_rank_env()
+    if args.nproc > 1 and env.world_size == 1:
         from .launch.local import run_local_ranks
 
         check_run_dir(spec, args.force_new)  # fail before starting anything
         return run_local_ranks(_without_nproc(argv), args.nproc)
     with PreemptionFlag() as flag:
-        status = run_job(spec, force_new=args.force_new, preemption=flag)
+        status = run_job(hooks_for(spec, env, force_new=args.force_new, preemption=flag))
     return exit_code(status, flag.received)
 
 
 def _validate(args, argv) -> int:
-    from .spec.load import load_spec
+    from .jobspec.load import load_spec
 
     if args.chain:
         return _validate_chain(args)
@@ -120,7 +122,7 @@ def spec_summary(spec) -> str:
 
 def _spec(args, argv) -> int:
     if args.docs:
-        from .spec.docs import spec_reference
+        from .jobspec.docs import spec_reference
 
         print(spec_reference(), end="")
         return 0
@@ -129,11 +131,11 @@ def _spec(args, argv) -> int:
 
         from pydantic import TypeAdapter
 
-        from .spec.schema import JobSpec
+        from .jobspec.schema import JobSpec
 
         print(json.dumps(TypeAdapter(JobSpec).json_schema(), indent=1))
         return 0
-    from .spec.load import dump_spec
+    from .jobspec.load import dump_spec
 
     # everything argparse did not know: the job's flags
     print(dump_spec(spec_from_job_arguments(args.kind, args.flags, "idiff spec --from-flags")), end="")

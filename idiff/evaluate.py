@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from . import rng, storage, weights
 from .data import ImageDataset, list_image_files
-from .dist.env import RankEnv
-from .dist.signals import any_rank
 from .errors import UserError
 from .progress import Progress
+from .ranks.env import RankEnv
+from .ranks.signals import any_rank
 from .run_dir import RunDir
 from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, scan_shards, write_shard
 

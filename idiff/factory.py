@@ -9,9 +9,9 @@ import difflib
 from .diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, SpacedDiffusion
 from .diffusion.respace import space_timesteps
 from .diffusion.schedules import get_named_beta_schedule
+from .jobspec.schema import DiffusionSection, ModelSection
 from .models.architecture import attention_factors, parse_channel_mult
 from .models.unet import SuperResModel, UNetModel
-from .spec.schema import DiffusionSection, ModelSection
 
 # Every model and diffusion field of the spec with its default.
 SPEC_DEFAULTS = {name: field.get_default(call_default_factory=True)

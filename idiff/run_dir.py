@@ -26,8 +26,9 @@ import socket
 
 from . import storage
 from .errors import UserError, brief
-from .spec.load import SpecError, dump_spec, parse_spec, read_spec_data
+from .jobspec.load import SpecError, dump_spec, parse_spec, read_spec_data
 
+CHAIN_EVENT = "chain"  # the jobs.jsonl event that lists a chain's stages (idiff-submit A B C)
 OWNER_MARK = "# idiff run dir: written by idiff when it took this folder for the job below\n"
 
 

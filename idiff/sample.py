@@ -18,10 +18,10 @@ from . import storage, weights
 from .collect import collect
 from .diffusion import samplers
 from .diffusion.draw import draw_images
-from .dist.env import RankEnv
-from .dist.signals import any_rank
 from .errors import UserError
 from .progress import Progress
+from .ranks.env import RankEnv
+from .ranks.signals import any_rank
 from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
 
 

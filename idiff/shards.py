@@ -20,8 +20,8 @@ import numpy as np
 import torch.distributed as dist
 
 from . import storage
-from .dist.env import RankEnv
 from .errors import UserError
+from .ranks.env import RankEnv
 
 _SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
 RANGE_MEMBER = "index_range"  # [start, end) of the indices a shard holds, written with its arrays

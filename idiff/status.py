@@ -15,11 +15,10 @@ import warnings
 from . import storage
 from .checkpoints import CheckpointStore
 from .errors import UserError
-from .launch.chain import CHAIN_EVENT
+from .jobspec.load import SpecError
 from .progress import format_duration
-from .run_dir import RunDir
+from .run_dir import CHAIN_EVENT, RunDir
 from .shards import scan_shards
-from .spec.load import SpecError
 
 # sacct/squeue states in which a job will not run again
 FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -169,7 +168,7 @@ def _manifest(store, step) -> dict:
 
 
 def _evaluations(run_dir: RunDir) -> list[str]:
-    from .train.evaluations import evaluated_steps
+    from .train.checkpoint_evaluations import evaluated_steps
 
     rows = evaluated_steps(run_dir.path)
     if not rows:

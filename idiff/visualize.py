@@ -40,7 +40,7 @@ class Curve(NamedTuple):
 
 
 def plot_losses(curves: dict[str, Curve], path) -> None:
-    """Loss curves (total, mse, vb and per-quartile loss, as MetricsLog keeps them) against the step, log scale;
+    """Loss curves (total, mse, vb and per-quartile loss, as TrainingLog keeps them) against the step, log scale;
     the total loss is drawn with the band of its min and max."""
     import matplotlib
 

@@ -9,10 +9,10 @@ from . import storage
 from .checkpoints import CheckpointStore, checkpoint_files
 from .errors import UserError, brief
 from .factory import create_any_model_and_diffusion
+from .jobspec.schema import check_respacing
 from .models import ArchitectureMismatch
 from .models.state_dict_check import check_state_dict
 from .run_dir import RunDir
-from .spec.schema import check_respacing
 
 
 @dataclass

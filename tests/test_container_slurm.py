@@ -28,10 +28,10 @@ from conftest import (
 )
 
 from idiff.cli import main as idiff_main
+from idiff.jobspec.load import parse_spec
 from idiff.launch.container import srun_options, wrap
 from idiff.launch.submit import REQUEUE_MARKER, container_setup
 from idiff.launch.submit import main as submit_main
-from idiff.spec.load import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "/home/ada/project"  # the working directory the job is submitted from

@@ -13,8 +13,8 @@ import idiff
 from idiff import factory
 from idiff.cli import main as idiff_main
 from idiff.cli import spec_from_job_arguments
-from idiff.spec.flags import SECTIONS, add_flag_arguments, flag_fields
-from idiff.spec.schema import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainSection
+from idiff.jobspec.flags import SECTIONS, add_flag_arguments, flag_fields
+from idiff.jobspec.schema import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainSection
 
 # improved_diffusion.script_util.model_and_diffusion_defaults(): the drop-in API keeps these.
 ORIGINAL_DEFAULTS = dict(

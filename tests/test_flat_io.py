@@ -17,7 +17,7 @@ import random
 import pytest
 
 from idiff import storage
-from idiff.train.metrics import LossHistory, MetricsLog
+from idiff.train.training_log import LossHistory, TrainingLog
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs /proc/self/io")
 
@@ -43,7 +43,7 @@ def on_a_blob_store(monkeypatch):
 
 
 def test_a_log_row_reads_nothing_back_however_long_the_log_is(tmp_path):
-    log, rng = MetricsLog(tmp_path), random.Random(0)
+    log, rng = TrainingLog(tmp_path), random.Random(0)
     for step in range(1, 1001):
         log.write(log_row(step, rng))
     before = io_bytes("rchar")
@@ -56,7 +56,7 @@ def test_a_log_row_reads_nothing_back_however_long_the_log_is(tmp_path):
 
 
 def test_loss_png_is_drawn_from_a_bounded_history_not_the_log(tmp_path, monkeypatch):
-    log, rng = MetricsLog(tmp_path), random.Random(1)
+    log, rng = TrainingLog(tmp_path), random.Random(1)
     for step in range(1, 3001):
         log.write(log_row(step, rng))
     reads = []
@@ -71,7 +71,7 @@ def test_loss_png_is_drawn_from_a_bounded_history_not_the_log(tmp_path, monkeypa
 
 
 def test_the_bounded_history_keeps_the_mean_min_and_max_of_every_row_and_restores_alike(tmp_path):
-    log, rng = MetricsLog(tmp_path), random.Random(2)
+    log, rng = TrainingLog(tmp_path), random.Random(2)
     rows = [log_row(step, rng) for step in range(1, 5001)]
     rows[1234]["loss"] = math.nan  # a non-finite step: left out of the curve, as it is out of the model
     for row in rows:
@@ -85,11 +85,11 @@ def test_the_bounded_history_keeps_the_mean_min_and_max_of_every_row_and_restore
     assert min(loss.low) == min(finite) and max(loss.high) == max(finite)
     assert loss.steps == sorted(loss.steps)
     # A resumed run rebuilds it from log.jsonl once: the same points as the process that wrote the rows.
-    assert MetricsLog(tmp_path)._loss_history().curves() == history.curves()
+    assert TrainingLog(tmp_path)._loss_history().curves() == history.curves()
 
 
 def test_a_key_that_appears_mid_run_widens_the_csv_header_once(tmp_path):
-    log = MetricsLog(tmp_path)
+    log = TrainingLog(tmp_path)
     for step in range(1, 6):
         log.write({"step": step, "loss": 0.5})
     for step in range(6, 9):
@@ -98,7 +98,7 @@ def test_a_key_that_appears_mid_run_widens_the_csv_header_once(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
     assert [r["grad_norm"] for r in rows] == [None] * 5 + ["2.0"] * 3  # rows before it have no such cell
-    resumed = MetricsLog(tmp_path)  # the widened header is the one a resumed run reads
+    resumed = TrainingLog(tmp_path)  # the widened header is the one a resumed run reads
     resumed.write({"step": 9, "loss": 0.5, "grad_norm": 3.0})
     assert (tmp_path / "progress.csv").read_text().splitlines()[-1] == "9,0.5,3.0"
 
@@ -124,12 +124,12 @@ def test_blob_store_appends_rewrite_a_bounded_piece_and_read_back_in_order(tmp_p
 
 
 def test_a_resume_on_a_blob_store_cuts_the_pieces_back_to_its_step(tmp_path, on_a_blob_store):
-    log, rng = MetricsLog(tmp_path), random.Random(3)
+    log, rng = TrainingLog(tmp_path), random.Random(3)
     for step in range(1, 301):
         log.write(log_row(step, rng))
     assert any(".part" in p.name for p in tmp_path.iterdir())
     storage._filling.clear()  # a new process
-    resumed = MetricsLog(tmp_path)
+    resumed = TrainingLog(tmp_path)
     resumed.drop_after(120)
     assert [r["step"] for r in resumed.rows()] == list(range(1, 121))
     for step in range(121, 151):

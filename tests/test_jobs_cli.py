@@ -10,7 +10,7 @@ from conftest import assert_refused, idiff_in_process, tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
 from idiff.factory import model_and_diffusion_defaults, sr_model_and_diffusion_defaults
-from idiff.spec.docs import spec_reference
+from idiff.jobspec.docs import spec_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_run_dir_defaults_to_openai_logdir_then_runs_name(good, monkeypatch):
-    from idiff.spec.load import parse_spec
+    from idiff.jobspec.load import parse_spec
 
     del good["run_dir"]
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)

@@ -148,10 +148,10 @@ def test_ddim_reverse_step_moves_to_t_plus_1_along_the_predicted_noise():
 
 def test_loss_aware_sampler_is_fed_the_batch_in_order():
     from idiff.diffusion import LossSecondMomentResampler
-    from idiff.train.inputs import feed_sampler
+    from idiff.train.inputs import feed_timestep_sampler
 
     sampler = LossSecondMomentResampler(SimpleNamespace(num_timesteps=2), history_per_term=2)
-    feed_sampler(sampler, t=torch.tensor([0, 1, 0, 1]), losses=torch.tensor([1.0, 3.0, 2.0, 4.0]), rank=0,
+    feed_timestep_sampler(sampler, t=torch.tensor([0, 1, 0, 1]), losses=torch.tensor([1.0, 3.0, 2.0, 4.0]), rank=0,
                  world_size=1)
     assert sampler._warmed_up()
     np.testing.assert_array_equal(sampler._loss_history, [[1.0, 2.0], [3.0, 4.0]])

@@ -7,9 +7,8 @@ from conftest import tiny_spec
 
 from idiff.checkpoints import manifest_name
 from idiff.cli import main as idiff_main
-from idiff.launch.chain import CHAIN_EVENT
-from idiff.run_dir import claim_run_dir
-from idiff.spec.load import parse_spec
+from idiff.jobspec.load import parse_spec
+from idiff.run_dir import CHAIN_EVENT, claim_run_dir
 
 UNKNOWN_JOB = "987654321"  # neither squeue nor sacct knows it
 

@@ -1,4 +1,4 @@
-"""train.tensorboard: MetricsLog's scalars and preview images land in event files that TensorBoard reads back."""
+"""train.tensorboard: TrainingLog's scalars and preview images land in event files that TensorBoard reads back."""
 
 import importlib.util
 import json
@@ -8,11 +8,11 @@ import pytest
 from conftest import tiny_spec
 
 from idiff.errors import UserError
+from idiff.jobspec.load import parse_spec
 from idiff.run_dir import claim_run_dir
-from idiff.spec.load import parse_spec
-from idiff.train import metrics
-from idiff.train.evaluations import record_evaluation
-from idiff.train.metrics import MetricsLog, check_tensorboard
+from idiff.train import training_log
+from idiff.train.checkpoint_evaluations import record_evaluation
+from idiff.train.training_log import TrainingLog, check_tensorboard
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -25,7 +25,7 @@ def read_events(folder) -> EventAccumulator:
 
 
 def test_logged_scalars_and_images_read_back_from_the_event_files(tmp_path):
-    log = MetricsLog(tmp_path, tensorboard=True)
+    log = TrainingLog(tmp_path, tensorboard=True)
     rows = [{"step": step, "loss": 1 / step, "grad_norm": 0.5 * step, "lr": 1e-4} for step in range(1, 6)]
     for row in rows:
         log.write(row)
@@ -50,13 +50,13 @@ def test_a_spec_asking_for_tensorboard_without_it_installed_is_a_user_error(monk
                            "train": {"data_dir": str(tmp_path), "batch_size": 2, "max_steps": 1, "tensorboard": True}})
     check_tensorboard(spec)  # installed here: nothing to say
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(metrics.importlib.util, "find_spec",
+    monkeypatch.setattr(training_log.importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     with pytest.raises(UserError, match=r"train\.tensorboard .* pip install 'idiff\[tensorboard\]'") as err:
         check_tensorboard(spec)
     assert err.value.exit_code == 2
     with pytest.raises(UserError):
-        MetricsLog(tmp_path, tensorboard=True)
+        TrainingLog(tmp_path, tensorboard=True)
     assert not (tmp_path / "tensorboard").exists()
 
 

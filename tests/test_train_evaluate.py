@@ -9,10 +9,10 @@ import pytest
 from conftest import tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
-from idiff.dist.env import RankEnv
-from idiff.launch.evaluations import EvaluatingHooks
-from idiff.spec.load import parse_spec
-from idiff.train.evaluations import evaluated_steps, evaluation_specs, record_evaluation
+from idiff.jobspec.load import parse_spec
+from idiff.launch.hooks import EvaluatingHooks
+from idiff.ranks.env import RankEnv
+from idiff.train.checkpoint_evaluations import evaluated_steps, evaluation_specs, record_evaluation
 
 NLL = {"metrics": ["nll"], "num_samples": 2, "batch_size": 2}
 

@@ -10,9 +10,9 @@ from conftest import idiff as run_idiff
 
 import idiff
 from idiff.checkpoints import CheckpointStore
-from idiff.dist.env import RankEnv
-from idiff.launch.runner import JobHooks
-from idiff.spec.load import parse_spec
+from idiff.jobspec.load import parse_spec
+from idiff.launch.hooks import JobHooks
+from idiff.ranks.env import RankEnv
 from idiff.train.ema import EMA
 from idiff.train.inputs import StepInputs
 from idiff.train.loop import train

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dist.signals import held_from_new_processes, worker_leaves_preemption_to_parent
+from ..ranks.signals import held_from_new_processes, worker_leaves_preemption_to_parent
 from ..rng import Stream, derive_seed
 from .reader import DataError, Example, ImageDataset, warn_upscaled
 

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 from .. import storage
 from ..errors import UserError
+from ..jobspec.load import load_spec
 from ..run_dir import RunDir
-from ..spec.load import load_spec
-
-CHAIN_EVENT = "chain"  # the jobs.jsonl event that lists a chain's stages
 
 
 @dataclass

@@ -13,7 +13,7 @@ import shutil
 
 from .. import storage
 from ..errors import UserError
-from ..spec.schema import MOUNT_PATH
+from ..jobspec.schema import MOUNT_PATH
 
 # What a rank reads from its environment: Slurm's and submitit's description of the task (idiff's
 # RankEnv, submitit.JobEnvironment), thread and GPU settings, and where runs go by default.

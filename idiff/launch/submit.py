@@ -19,14 +19,16 @@ import submitit
 import yaml
 
 from .. import storage
-from ..dist.env import RankEnv, port_for_job
-from ..dist.signals import PreemptionFlag
 from ..errors import UserError, guarded, report
-from ..run_dir import RunDir, check_run_dir, claim_run_dir
-from ..spec.load import apply_overrides, dump_spec, parse_spec
-from ..spec.schema import Resources, refuse_control_characters
-from .chain import CHAIN_EVENT, Stage, chain_record, check_chain, load_chain
+from ..jobspec.load import apply_overrides, dump_spec, parse_spec
+from ..jobspec.schema import Resources, refuse_control_characters
+from ..ranks.env import RankEnv, port_for_job
+from ..ranks.signals import PreemptionFlag
+from ..run_dir import CHAIN_EVENT, RunDir, check_run_dir, claim_run_dir
+from ..train.checkpoint_evaluations import record_evaluation
+from .chain import Stage, chain_record, check_chain, load_chain
 from .container import check_container, srun_options, wrap
+from .hooks import hooks_for
 from .runner import EXIT_PREEMPTED, run_job
 
 
@@ -55,7 +57,9 @@ class SubmittedJob(submitit.helpers.Checkpointable):
         spec = parse_spec(self.spec_data, source="submitted spec")
         # idiff-submit took the run dir (moving an old run aside if asked) before the job existed: every
         # start, requeues included, resumes that run.
-        status = run_job(spec, preemption=flag, env=env)
+        on_slurm = env.slurm_job_id is not None
+        status = run_job(hooks_for(spec, env, preemption=flag,
+                                   submit_evaluations=submit_evaluation_jobs if on_slurm else None))
         if status != "preempted":
             return status
         if env.is_main and flag.received == "SIGUSR2" and env.slurm_job_id:
@@ -79,6 +83,39 @@ class SubmittedJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """Used only if Slurm's own machinery asks: the run dir holds the state, so resubmit as is."""
         return submitit.helpers.DelayedSubmission(SubmittedJob(self.spec_data))
+
+
+class RecordedEvaluation(SubmittedJob):
+    """The Slurm job of an evaluation during training: the evaluate job, then (rank 0) its row in the training
+    run's evals.jsonl."""
+
+    def __init__(self, spec_data: dict, train_run_dir: str, step: int):
+        super().__init__(spec_data)
+        self.train_run_dir, self.step = train_run_dir, step
+
+    def __call__(self):
+        status = super().__call__()  # a preempted evaluation exits inside, to be requeued
+        job = submitit.JobEnvironment()
+        if job.global_rank == 0:
+            record_evaluation(self.train_run_dir, self.step, self.spec_data["run_dir"], job.job_id)
+        return status
+
+    def checkpoint(self, *args, **kwargs):
+        return submitit.helpers.DelayedSubmission(RecordedEvaluation(self.spec_data, self.train_run_dir, self.step))
+
+
+def submit_evaluation_jobs(train_spec, step: int, specs: list) -> list[str]:
+    """Submit the sample/evaluate ``specs`` of checkpoint ``step`` of a training job running on Slurm, each
+    after the previous one; returns their job ids."""
+    job_ids: list[str] = []
+    # The training job's SLURM_* variables would otherwise pass into the new jobs' sbatch and srun.
+    with submitit.helpers.clean_env():
+        for spec in specs:
+            job = RecordedEvaluation(spec.model_dump(mode="json"), train_spec.run_dir, step) \
+                if spec.kind == "evaluate" else None
+            job_ids.append(submit_one(spec, local=False, force_new=False, out=sys.stderr, job=job,
+                                      after=job_ids[-1] if job_ids else None))
+    return job_ids
 
 
 REQUEUE_MARKER = "requeue"  # in a job's submitit folder: rank 0 in a container asks for a requeue

@@ -26,7 +26,7 @@ class StepInputs(NamedTuple):
     cond: dict  # model keyword arguments: class labels, low-resolution images
 
 
-def draw_inputs(batch, *, spec, sampler, step: int, rank: int, device) -> StepInputs:
+def draw_inputs(batch, *, spec, timestep_sampler, step: int, rank: int, device) -> StepInputs:
     """Timesteps and noise of ``batch`` (this rank's images) at ``step``."""
     x = batch.images
     cond = {"y": batch.labels} if spec.model.class_cond else {}
@@ -35,7 +35,7 @@ def draw_inputs(batch, *, spec, sampler, step: int, rank: int, device) -> StepIn
     gens = rng.generators(spec.train.seed, rng.Stream.TRAIN_NOISE, global_index(len(x), rank).tolist(), step)
     uniforms = np.array([torch.rand((), generator=g, dtype=torch.float64).item() for g in gens])
     noise = rng.normal(gens, x.shape[1:], device)
-    t, weights = sampler.sample_from_uniforms(uniforms, device)
+    t, weights = timestep_sampler.sample_from_uniforms(uniforms, device)
     return StepInputs(x, t, noise, weights, cond)
 
 
@@ -49,8 +49,9 @@ def reseed_dropout(*, seed: int, rank: int, step: int) -> None:
     torch.manual_seed(rng.derive_seed(seed, rng.Stream.DROPOUT, rank, step))
 
 
-def feed_sampler(sampler, *, t, losses, rank: int, world_size: int) -> None:
-    """Give a loss-aware sampler the whole global batch's losses in global-index order, whatever the world size:
+def feed_timestep_sampler(timestep_sampler, *, t, losses, rank: int, world_size: int) -> None:
+    """Give a loss-aware timestep sampler the whole global batch's losses in global-index order, whatever the world
+    size:
     its history, and so the timesteps it draws later, then match a run on any number of ranks."""
     local = torch.stack([global_index(len(t), rank).double(), t.double().cpu(), losses.double().cpu()], dim=1)
     if world_size > 1:
@@ -58,4 +59,4 @@ def feed_sampler(sampler, *, t, losses, rank: int, world_size: int) -> None:
         dist.all_gather(gathered, local)
         local = torch.cat(gathered)
     local = local[local[:, 0].argsort()]
-    sampler.update_with_all_losses(local[:, 1].long().tolist(), local[:, 2].tolist())
+    timestep_sampler.update_with_all_losses(local[:, 1].long().tolist(), local[:, 2].tolist())

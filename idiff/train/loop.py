@@ -3,7 +3,7 @@
 Nothing random carries over from one step to the next: noise and timesteps come from (seed, step, global
 sample index), data order from (seed, epoch), dropout from (seed, rank, step) (train/inputs.py). So an
 interrupted and resumed run equals an uninterrupted one bit for bit, and the same global batch is drawn
-whatever the world size. What a checkpoint holds is train/checkpoint.py's TrainState.
+whatever the world size. What a checkpoint holds is train/state.py's TrainState.
 """
 
 import json
@@ -18,22 +18,22 @@ from .. import rng, storage
 from ..checkpoints import CheckpointStore
 from ..data import ImageDataset, ShardedLoader
 from ..diffusion.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
-from ..dist.batch import choose_microbatch, per_rank_batch
-from ..dist.env import RankEnv
-from ..dist.signals import any_rank
 from ..errors import UserError
 from ..factory import create_any_model_and_diffusion
 from ..precision import autocast
 from ..progress import Progress
+from ..ranks.batch import choose_microbatch, per_rank_batch
+from ..ranks.env import RankEnv
+from ..ranks.signals import any_rank
 from ..weights import load_weights
-from .checkpoint import Checkpoints, TrainState, restore
 from .divergence import NonfiniteSteps
 from .ema import EMA
-from .inputs import draw_inputs, feed_sampler, reseed_dropout
+from .inputs import draw_inputs, feed_timestep_sampler, reseed_dropout
 from .memory import memory_probe
-from .metrics import MetricsLog, StepStats
 from .optim import accumulate_gradients, apply_gradients, learning_rate, make_optimizer, set_learning_rate
 from .preview import write_pictures
+from .state import Checkpoints, TrainState, restore
+from .training_log import StepStats, TrainingLog
 
 COMPLETED, PREEMPTED = "completed", "preempted"
 
@@ -69,14 +69,14 @@ def train(spec, env: RankEnv, hooks) -> str:
     model.to(device)
     params = list(model.parameters())
     microbatch = choose_microbatch(cfg.microbatch, rank_batch, fits=memory_probe(model, diffusion, spec, device))
-    sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
+    timestep_sampler = create_named_schedule_sampler(cfg.schedule_sampler, diffusion)
     opt = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = EMA(model, cfg.ema_rates) if env.is_main else None
     loader = ShardedLoader(dataset, global_batch=cfg.batch_size, rank=env.rank, world_size=env.world_size,
                            seed=cfg.seed, num_workers=cfg.num_workers, device=device)
     nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps, device)
-    state = TrainState(spec=spec, env=env, model=model, opt=opt, ema=ema, sampler=sampler, scaler=scaler,
+    state = TrainState(spec=spec, env=env, model=model, opt=opt, ema=ema, timestep_sampler=timestep_sampler, scaler=scaler,
                        loader=loader, nonfinite=nonfinite)
     store = CheckpointStore(run_dir.checkpoints)
     restore(state, store)
@@ -87,7 +87,7 @@ def train(spec, env: RankEnv, hooks) -> str:
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if env.world_size > 1 else model
     forward = torch.compile(ddp) if cfg.compile else ddp
-    log = MetricsLog(run_dir.path, tensorboard=cfg.tensorboard) if env.is_main else None
+    log = TrainingLog(run_dir.path, tensorboard=cfg.tensorboard) if env.is_main else None
     if log is not None:
         log.drop_after(state.step)  # rows a preempted run logged after its checkpoint: they are logged again
     if env.is_main:
@@ -115,14 +115,14 @@ def train(spec, env: RankEnv, hooks) -> str:
 
         # One optimizer step on the global batch.
         step = state.step
-        inputs = draw_inputs(next(data), spec=spec, sampler=sampler, step=step, rank=env.rank, device=device)
+        inputs = draw_inputs(next(data), spec=spec, timestep_sampler=timestep_sampler, step=step, rank=env.rank, device=device)
         reseed_dropout(seed=cfg.seed, rank=env.rank, step=step)
         set_learning_rate(opt, learning_rate(cfg.lr, cfg.lr_anneal_steps, step))
         opt.zero_grad(set_to_none=True)
         losses = accumulate_gradients(forward, diffusion, inputs, microbatch=microbatch, scaler=scaler,
                                       precision=mixed, stats=stats)
-        if isinstance(sampler, LossAwareSampler):
-            feed_sampler(sampler, t=inputs.t, losses=losses, rank=env.rank, world_size=env.world_size)
+        if isinstance(timestep_sampler, LossAwareSampler):
+            feed_timestep_sampler(timestep_sampler, t=inputs.t, losses=losses, rank=env.rank, world_size=env.world_size)
         grad_norm, finite = apply_gradients(opt, scaler, params)
         if ema is not None:
             ema.update(model)  # a skipped step left the weights as they were

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from .. import storage
 from ..checkpoints import BackgroundWriter, CheckpointStore, checkpoint_files, step_of
-from ..dist.signals import any_rank
 from ..errors import RunFailed, UserError
+from ..ranks.signals import any_rank
 from ..weights import load_optimizer_state, load_weights, read_weights
 
 RESUME_FIELD = "train.resume_checkpoint"
@@ -27,10 +27,10 @@ RESUME_FIELD = "train.resume_checkpoint"
 class TrainState:
     """Everything that makes step ``step + 1`` what it is. ``ema`` is None except on rank 0."""
 
-    def __init__(self, *, spec, env, model, opt, ema, sampler, scaler, loader, nonfinite):
+    def __init__(self, *, spec, env, model, opt, ema, timestep_sampler, scaler, loader, nonfinite):
         self.spec, self.env = spec, env
         self.model, self.opt, self.ema = model, opt, ema
-        self.sampler, self.scaler, self.loader, self.nonfinite = sampler, scaler, loader, nonfinite
+        self.timestep_sampler, self.scaler, self.loader, self.nonfinite = timestep_sampler, scaler, loader, nonfinite
         self.step = 0
 
     @property
@@ -41,7 +41,7 @@ class TrainState:
         """File name -> its content as CPU objects, for checkpoint ``step`` (rank 0: it holds the EMA)."""
         files = checkpoint_files(self.step, self.spec.train.ema_rates)
         rest = {"step": self.step, "images_seen": self.images_seen, "world_size": self.env.world_size,
-                "run_hash": self.spec.run_hash(), "schedule_sampler": self.sampler.state_dict(),
+                "run_hash": self.spec.run_hash(), "schedule_sampler": self.timestep_sampler.state_dict(),
                 "data": self.loader.state_dict(), "grad_scaler": self.scaler.state_dict(),
                 **self.nonfinite.state_dict()}
         payloads = {files["model"]: _cpu(self.model.state_dict()), files["opt"]: _cpu(self.opt.state_dict()),
@@ -64,7 +64,7 @@ class TrainState:
         if self.ema is not None:
             for rate in self.ema.rates:
                 self.ema.load_state_dict(rate, store.load(files[f"ema_{rate}"]))
-        self.sampler.load_state_dict(rest["schedule_sampler"])
+        self.timestep_sampler.load_state_dict(rest["schedule_sampler"])
         self.scaler.load_state_dict(rest["grad_scaler"])
         self.loader.load_state_dict(rest["data"])
         self.nonfinite.load_state_dict(rest)

@@ -67,7 +67,7 @@ class StepStats:
         return row
 
 
-class MetricsLog:
+class TrainingLog:
     """``log.jsonl`` (every key), ``progress.csv`` and, with ``tensorboard``, event files in ``tensorboard/``,
     appended across resumes. Each row costs O(row) whatever the run's length: the csv header and the loss
     curves for loss.png are kept in memory, read from the files once per process.

@@ -46,7 +46,7 @@ def spec_reference() -> str:
     lines = [
         "# Job spec reference",
         "",
-        "Generated from `idiff/spec/schema.py` by `idiff spec --docs`; do not edit by hand.",
+        "Generated from `idiff/jobspec/schema.py` by `idiff spec --docs`; do not edit by hand.",
         "A spec has `kind` (train | sample | evaluate), `name`, optional `run_dir` (default `$OPENAI_LOGDIR`,",
         "else `runs/<name>`), `resources`, and the sections of its kind: train needs `train` (and takes `model`,",
         "`diffusion`); sample needs `sample`; evaluate needs `evaluate`.",

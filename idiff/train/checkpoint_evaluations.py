@@ -9,16 +9,16 @@ subprocesses of rank 0 (the other ranks wait at their next collective).
 When an evaluation ends, its headline numbers are appended to ``evals.jsonl`` (step, metrics, job id) and
 ``metrics.png`` is drawn again. A step with a row, or whose jobs were submitted (``evals/<step>/submitted.json``),
 is not evaluated again, after a requeue either. This module makes the specs and keeps the results; the hooks
-and jobs that run them are in idiff.launch.evaluations.
+and jobs that run them are in idiff.launch.hooks (and, on Slurm, idiff.launch.submit).
 """
 
 import io
 import json
 
 from .. import storage
+from ..jobspec.load import parse_spec
 from ..run_dir import RunDir, utc_now
-from ..spec.load import parse_spec
-from .metrics import summary_writer
+from .training_log import summary_writer
 
 SUBMITTED = "submitted.json"  # in evals/<step>/: the Slurm jobs of that step's evaluation
 # metric -> {number in its eval/<metric>.json: name in evals.jsonl and metrics.png}
