@@ -76,8 +76,8 @@ def train(spec, env: RankEnv, hooks) -> str:
     loader = ShardedLoader(dataset, global_batch=cfg.batch_size, rank=env.rank, world_size=env.world_size,
                            seed=cfg.seed, num_workers=cfg.num_workers, device=device)
     nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps, device)
-    state = TrainState(spec=spec, env=env, model=model, opt=opt, ema=ema, timestep_sampler=timestep_sampler, scaler=scaler,
-                       loader=loader, nonfinite=nonfinite)
+    state = TrainState(spec=spec, env=env, model=model, opt=opt, ema=ema, timestep_sampler=timestep_sampler,
+                       scaler=scaler, loader=loader, nonfinite=nonfinite)
     store = CheckpointStore(run_dir.checkpoints)
     restore(state, store)
     checkpoints = Checkpoints(store, is_main=env.is_main, keep_last=cfg.keep_last, keep_every=cfg.keep_every,
@@ -115,7 +115,8 @@ def train(spec, env: RankEnv, hooks) -> str:
 
         # One optimizer step on the global batch.
         step = state.step
-        inputs = draw_inputs(next(data), spec=spec, timestep_sampler=timestep_sampler, step=step, rank=env.rank, device=device)
+        inputs = draw_inputs(next(data), spec=spec, timestep_sampler=timestep_sampler, step=step, rank=env.rank,
+                             device=device)
         reseed_dropout(seed=cfg.seed, rank=env.rank, step=step)
         set_learning_rate(opt, learning_rate(cfg.lr, cfg.lr_anneal_steps, step))
         opt.zero_grad(set_to_none=True)
