@@ -2,15 +2,16 @@
 
 import argparse
 
-from . import prepare
+from . import pack, prepare
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``data`` command and its sub-commands; each sets ``func`` to a handler ``(args) -> int``."""
     data = subparsers.add_parser(
         "data", help="prepare image folders for training",
-        description="Write a data set as one folder of <class>_<name> image files. The output appears "
-                    "only when complete; an existing non-empty --out is refused.")
+        description="Write a data set as one folder of <class>_<name> image files, or pack a folder into "
+                    "shards with one index (docs/packed-data.md). The output appears only when complete; an "
+                    "existing non-empty --out is refused.")
     commands = data.add_subparsers(dest="data_command", metavar="DATASET", required=True)
 
     cifar = _command(commands, "cifar10", _cifar10, "CIFAR-10 from cifar-10-python.tar.gz")
@@ -26,6 +27,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     imagenet = _command(commands, "imagenet", _imagenet, "ImageNet from one folder per synset")
     imagenet.add_argument("--src", required=True, help="the train folder, holding n01440764/ ...")
     imagenet.add_argument("--mode", choices=("link", "copy"), default="link", help="symlink or copy the files")
+
+    packer = _command(commands, "pack", _pack, "pack an image folder into shards with one index, preprocessed "
+                                               "at one image size (docs/packed-data.md)")
+    packer.add_argument("src", help="the image folder, as train.data_dir takes it")
+    packer.add_argument("--image-size", type=int, required=True, help="the model's image size, px")
+    packer.add_argument("--workers", type=int, default=None, help="processes; default: one per core")
+    packer.add_argument("--shard-size", type=int, default=pack.DEFAULT_SHARD_SIZE,
+                        help="bytes of raw pixels per shard; PNG makes shards smaller (default: %(default)s)")
 
     synthetic = _command(commands, "synthetic", _synthetic, "a toy data set of coloured shapes, class = shape")
     synthetic.add_argument("--n", type=int, default=512, help="number of images")
@@ -58,6 +67,11 @@ def _lsun(args) -> int:
 
 def _imagenet(args) -> int:
     return _done(prepare.imagenet(args.src, args.out, mode=args.mode), args)
+
+
+def _pack(args) -> int:
+    return _done(pack.pack(pack.FolderSource(args.src), args.out, args.image_size, workers=args.workers,
+                           shard_size=args.shard_size), args)
 
 
 def _synthetic(args) -> int:
