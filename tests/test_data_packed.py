@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import assert_same_tensors, final_files, idiff_in_process, tiny_spec, write_spec
 from PIL import Image
+from test_data_prepare import LSUN_VALUES, cifar_batches, cifar_tarball, encoded, lsun_lmdb, synsets  # noqa: F401
+from test_data_prepare import idiff as prepare_cli
 
 from idiff.data import DataError, ImageDataset, PackedDataset, ShardedLoader, open_images
 from idiff.data.pack import WORK, FolderSource, pack
@@ -216,3 +218,27 @@ def test_train_on_a_damaged_pack_exits_2_naming_the_index(shapes_dir, tmp_path):
     assert result.returncode == 2 and os.path.join(out, INDEX) in result.stderr
     assert not (tmp_path / "run").exists()
 
+
+
+def same_packs(a, b):
+    """Byte-identical packed folders: the same index (names, labels, offsets) and the same shards (pixels)."""
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        assert Path(a, name).read_bytes() == Path(b, name).read_bytes(), name
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "lsun", "imagenet"])
+def test_preparation_packs_directly_what_packing_its_folder_gives(tmp_path, cifar_batches, synsets, dataset):  # noqa: F811
+    if dataset == "cifar10":
+        args, size = ["--src", cifar_tarball(tmp_path / "c.tar.gz", cifar_batches)], 32
+    elif dataset == "lsun":
+        values = [encoded(w, h, fmt, seed) for seed, (fmt, w, h) in enumerate(LSUN_VALUES)]
+        args, size = ["--src", lsun_lmdb(tmp_path / "bedroom_train_lmdb", values), "--image-size", 16], 16
+    else:
+        args, size = ["--src", synsets, "--image-size", 8], 8
+    folder_args = [a for a in args if a not in ("--image-size", 8)] if dataset == "imagenet" else args
+    assert prepare_cli(dataset, *folder_args, "--out", tmp_path / "folder") == 0
+    packed_copy(str(tmp_path / "folder"), tmp_path / "from_folder", size=size, workers=1)
+    assert prepare_cli(dataset, *args, "--out", tmp_path / "direct", "--packed", "--shard-size", 6000,
+                       "--workers", 2) == 0
+    same_packs(tmp_path / "from_folder", tmp_path / "direct")
