@@ -98,12 +98,17 @@ def atomic_write_bytes(path, data: bytes) -> dict:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(folder)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def fsync_folder(folder) -> None:
+    """Make the renames in a local ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> dict:

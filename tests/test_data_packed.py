@@ -19,6 +19,7 @@ from idiff.data import DataError, ImageDataset, PackedDataset, ShardedLoader, op
 from idiff.data.pack import WORK, FolderSource, pack
 from idiff.data.packed import INDEX, read_index
 from idiff.errors import UserError
+from idiff.evaluate import find_images, load_images
 
 SIZE = 12
 
@@ -242,3 +243,9 @@ def test_preparation_packs_directly_what_packing_its_folder_gives(tmp_path, cifa
     assert prepare_cli(dataset, *args, "--out", tmp_path / "direct", "--packed", "--shard-size", 6000,
                        "--workers", 2) == 0
     same_packs(tmp_path / "from_folder", tmp_path / "direct")
+
+
+def test_evaluate_reads_a_packed_reference_as_its_folder(folder, packed):
+    got, want = find_images(packed, "evaluate.reference"), find_images(folder, "evaluate.reference")
+    assert got.count == want.count == 25
+    assert np.array_equal(load_images(got, (SIZE, SIZE)), load_images(want, (SIZE, SIZE)))

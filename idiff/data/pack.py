@@ -196,7 +196,7 @@ def _write_shard(number: int) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _fsync_folder(job.out)
+    storage.fsync_folder(job.out)  # the rename lasts before the record that says the shard is complete
     storage.atomic_write_text(_record_path(job.out, number), json.dumps(record))
 
 
@@ -212,11 +212,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     tar.addfile(info, io.BytesIO(data))
 
-
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable before the record that says the shard is complete."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
