@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tarfile
-import uuid
 from typing import NamedTuple
 
 import blobfile as bf
@@ -174,29 +173,19 @@ def _write_shard(number: int) -> None:
     """Write shard ``number`` (temporary name, fsync, rename), then its record."""
     job = _job
     start, end = number * job.per_shard, min((number + 1) * job.per_shard, len(job.source.names))
-    final = os.path.join(job.out, shard_name(number))
-    tmp = os.path.join(job.out, f".{shard_name(number)}.{uuid.uuid4().hex[:8]}.tmp")
     record = {"offsets": [], "lengths": [], "upscaled": []}
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for index in range(start, end):
-                    image = job.source.image(index)
-                    png = encode_png(resize_and_crop(image, job.image_size))
-                    record["offsets"].append(tar.offset + HEADER)
-                    record["lengths"].append(len(png))
-                    record["upscaled"].append(min(image.size) < job.image_size)
-                    _add_member(tar, f"{sample_key(index)}.png", png)
-                    if job.labels is not None:
-                        _add_member(tar, f"{sample_key(index)}.cls", str(int(job.labels[index])).encode())
-            record["size"] = f.tell()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    storage.fsync_folder(job.out)  # the rename lasts before the record that says the shard is complete
+    with storage.atomic_local_file(os.path.join(job.out, shard_name(number))) as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, end):
+                image = job.source.image(index)
+                png = encode_png(resize_and_crop(image, job.image_size))
+                record["offsets"].append(tar.offset + HEADER)
+                record["lengths"].append(len(png))
+                record["upscaled"].append(min(image.size) < job.image_size)
+                _add_member(tar, f"{sample_key(index)}.png", png)
+                if job.labels is not None:
+                    _add_member(tar, f"{sample_key(index)}.cls", str(int(job.labels[index])).encode())
+        record["size"] = f.tell()
     storage.atomic_write_text(_record_path(job.out, number), json.dumps(record))
 
 
