@@ -20,7 +20,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import rng, storage, weights
-from .data import ImageDataset, list_image_files
+from .data import ImageDataset, PackedDataset, open_images
+from .data.packed import count_images
 from .errors import UserError
 from .progress import Progress
 from .ranks.env import RankEnv
@@ -69,7 +70,7 @@ def run_evaluate(spec, env: RankEnv, hooks) -> str:
 class _NllSetup:
     model: torch.nn.Module
     diffusion: object
-    dataset: ImageDataset
+    dataset: ImageDataset | PackedDataset
     label_of: list[int] | None  # dataset label -> model label; None: unconditional
     num: int  # images to evaluate, the first ones of the dataset
 
@@ -81,7 +82,7 @@ def _prepare_nll(spec, env) -> _NllSetup:
     flags = source.flags
     if flags.get("large_size") is not None:
         raise UserError("nll of super-resolution models is not supported (they need low-res inputs)")
-    dataset = ImageDataset(e.data_dir, flags["image_size"], class_cond=flags["class_cond"])
+    dataset = open_images(e.data_dir, flags["image_size"], class_cond=flags["class_cond"])
     label_of = _label_mapping(dataset, source) if flags["class_cond"] else None
     return _NllSetup(model, diffusion, dataset, label_of, min(e.num_samples, len(dataset)))
 
@@ -198,7 +199,7 @@ def find_images(path, what: str) -> ImageSource:
             return find_images(storage.join(path, collected[0]), what)
         if scan_shards(RunDir(path).samples):
             raise UserError(f"{what}: {path} has sample shards but no collected .npz; run `idiff-collect {path}`")
-        return ImageSource(path, what, len(list_image_files(path)), None)
+        return ImageSource(path, what, count_images(path), None)
     if not storage.exists(path):
         raise UserError(f"{what}: {path} does not exist")
     images = npz_headers(path).get("arr_0")
@@ -212,7 +213,7 @@ def load_images(source: ImageSource, size: tuple[int, int]) -> np.ndarray:
     """uint8 NHWC; a folder's images are center-cropped and resized to ``size`` as training images are."""
     if source.is_npz:
         return read_npz(source.path, ["arr_0"])["arr_0"]
-    dataset = ImageDataset(source.path, size[0])
+    dataset = open_images(source.path, size[0])
     return np.stack([((dataset[i].image.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
                      for i in tqdm(range(len(dataset)), desc=f"reading {source.what}", unit="img",
                                    disable=not sys.stderr.isatty())])

@@ -1,5 +1,6 @@
 """Files on local disks or blob stores (gs://, az://) through blobfile, written atomically."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -86,24 +87,32 @@ def atomic_write_bytes(path, data: bytes) -> dict:
     if is_remote(path):
         bf.write_bytes(path, data)
     else:
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with atomic_local_file(path) as f:
+            f.write(data)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@contextlib.contextmanager
+def atomic_local_file(path):
+    """A file open for writing that becomes the local ``path`` when the block ends without an error: written
+    under a temporary name in the same folder, fsynced, renamed, and the folder fsynced (the rename lasts)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> dict:

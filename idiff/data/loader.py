@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..ranks.signals import held_from_new_processes, worker_leaves_preemption_to_parent
 from ..rng import Stream, derive_seed
+from .packed import PackedDataset, open_images
 from .reader import DataError, Example, ImageDataset, warn_upscaled
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class StreamReader(torch.utils.data.Dataset):
     raised one into a traceback text.
     """
 
-    def __init__(self, dataset: ImageDataset):
+    def __init__(self, dataset: ImageDataset | PackedDataset):
         self.dataset = dataset
 
     def __getitem__(self, item: tuple[int, int]) -> Example | DataError:
@@ -97,7 +98,7 @@ def collate(examples: list[Example | DataError]) -> Batch | DataError:
 class ShardedLoader:
     """Endless batches of this rank's share of the global stream, on ``device``; resumable."""
 
-    def __init__(self, dataset: ImageDataset, global_batch: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, dataset: ImageDataset | PackedDataset, global_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, num_workers: int = 0, device="cpu", shuffle: bool = True,
                  prefetch_factor: int = 2):
         assert global_batch % world_size == 0, f"global batch {global_batch} does not split over {world_size} ranks"
@@ -192,7 +193,7 @@ def load_data(*, data_dir, batch_size, image_size, class_cond=False, determinist
     ``deterministic`` reads the files in order instead of shuffled; ranks come from torch.distributed.
     """
     rank, world_size = _rank_and_world()
-    dataset = ImageDataset(data_dir, image_size, class_cond=class_cond)
+    dataset = open_images(data_dir, image_size, class_cond=class_cond)
     loader = ShardedLoader(dataset, global_batch=batch_size * world_size, rank=rank, world_size=world_size,
                            num_workers=1, shuffle=not deterministic)
     for batch in loader:

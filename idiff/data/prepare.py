@@ -4,6 +4,10 @@ Every command writes into a hidden staging folder beside ``out`` and renames it 
 all files are written, so ``out`` is either absent or complete: an interrupted run leaves at most a
 ``.NAME.partial-*`` folder (removed on errors and Ctrl-C; only a killed process leaves one behind),
 and a rerun starts from scratch. An existing non-empty ``out`` is refused.
+
+CIFAR-10, LSUN and ImageNet are also sources for ``pack.pack`` (``--packed``): the same names, in the
+order the reader lists the folder they would make, and the same images, so a direct pack equals a pack
+of the folder, and LSUN's millions of records never become files.
 """
 
 import colorsys
@@ -22,7 +26,7 @@ from tqdm import tqdm
 
 from ..rng import Stream, derive_seed
 from ..storage import checked_name, is_remote
-from .reader import DECODE_ERRORS, DataError, center_crop, is_image_name
+from .reader import DECODE_ERRORS, DataError, center_crop, decode, is_image_name
 
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hexagon", "star")
@@ -50,6 +54,20 @@ def staged_output(out: str):
 
 def save_png(arr: np.ndarray, folder: str, name: str) -> None:
     Image.fromarray(arr).save(os.path.join(folder, name))
+
+
+def write_folder(source, out: str) -> int:
+    """Each image of ``source`` as a file named as the source names it; returns the count."""
+    with staged_output(out) as staging:
+        for index, name in enumerate(tqdm(source.names, desc=source.where, unit="img")):
+            source.image(index).save(os.path.join(staging, name))
+    return len(source.names)
+
+
+def in_listing_order(named: list[tuple[str, object]]) -> tuple[list[str], list]:
+    """Names and their items sorted as the reader lists a flat folder of those names."""
+    named = sorted(named, key=lambda pair: pair[0])
+    return [name for name, _ in named], [item for _, item in named]
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -108,22 +126,26 @@ def _cifar_batch(batch, where: str, num_classes: int) -> tuple[np.ndarray, list[
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def cifar10(src: str, out: str, split: str = "train") -> int:
-    """The python-pickle tarball as ``<class>_<index within split>.png`` files; returns the count."""
-    try:
-        tar = tarfile.open(src, "r:*")  # noqa: SIM115 (closed by the with below; opened apart for its own message)
-    except (OSError, tarfile.TarError) as e:
-        raise DataError(f"cannot open the CIFAR-10 tarball {src}: {e}") from None
-    with tar, staged_output(out) as staging:
-        class_names = _cifar_class_names(_cifar_member(tar, src, "batches.meta"), src)
-        count = 0
-        for batch_name in CIFAR_BATCHES[split]:
-            images, labels = _cifar_batch(_cifar_member(tar, src, batch_name), f"{batch_name} in {src}",
-                                          len(class_names))
-            for image, label in tqdm(zip(images, labels), total=len(images), desc=batch_name, unit="img"):
-                save_png(image, staging, f"{class_names[label]}_{count:05d}.png")
-                count += 1
-    return count
+class CifarSource:
+    """The python-pickle tarball's images of one split, named ``<class>_<index within split>.png``."""
+
+    def __init__(self, src: str, split: str = "train"):
+        self.where = src
+        try:
+            tar = tarfile.open(src, "r:*")  # noqa: SIM115 (closed by the with below; opened apart for its message)
+        except (OSError, tarfile.TarError) as e:
+            raise DataError(f"cannot open the CIFAR-10 tarball {src}: {e}") from None
+        with tar:
+            class_names = _cifar_class_names(_cifar_member(tar, src, "batches.meta"), src)
+            batches = [_cifar_batch(_cifar_member(tar, src, name), f"{name} in {src}", len(class_names))
+                       for name in CIFAR_BATCHES[split]]
+        self.images = np.concatenate([images for images, _ in batches])
+        labels = [label for _, batch_labels in batches for label in batch_labels]
+        self.names, self._rows = in_listing_order(
+            [(f"{class_names[label]}_{row:05d}.png", row) for row, label in enumerate(labels)])
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[self._rows[index]])
 
 
 # ---------------------------------------------------------------------------------------------- LSUN
@@ -150,28 +172,41 @@ def lsun_prefix(src: str) -> str:
     return os.path.basename(os.path.normpath(src)).split("_", 1)[0]
 
 
-def lsun(src: str, out: str, image_size: int = 256, limit: int | None = None, prefix: str | None = None) -> int:
-    """An LSUN category LMDB (webp/jpeg values) as ``<prefix>_<index:07d>.png`` squares; returns the count."""
-    lmdb = _import_lmdb()
-    prefix = checked_name(prefix, "--prefix") if prefix else checked_name(lsun_prefix(src), f"the folder name of {src}")
-    if "_" in prefix:
-        raise DataError(f"prefix {prefix!r} contains '_': the label is what comes before the first '_'")
-    try:
-        env = lmdb.open(src, readonly=True, lock=False, readahead=False, subdir=os.path.isdir(src))
-    except lmdb.Error as e:
-        raise DataError(f"cannot open the LMDB {src}: {e}") from None
-    entries = env.stat()["entries"]
-    total = entries if limit is None else min(limit, entries)
-    with env, env.begin() as txn, staged_output(out) as staging:
-        records = itertools.islice(txn.cursor(), total)
-        for index, (key, value) in enumerate(tqdm(records, total=total, desc="lsun", unit="img")):
-            try:
-                image = Image.open(io.BytesIO(value))
-                image.load()
-            except DECODE_ERRORS as e:
-                raise DataError(f"cannot decode record {key!r} of {src}: {e}") from None
-            save_png(lsun_square(image, image_size), staging, f"{prefix}_{index:07d}.png")
-    return total
+class LsunSource:
+    """An LSUN category LMDB (webp/jpeg values): record i as the ``<prefix>_<i:07d>.png`` square."""
+
+    def __init__(self, src: str, image_size: int = 256, limit: int | None = None, prefix: str | None = None):
+        self.where, self.image_size = src, image_size
+        prefix = checked_name(prefix, "--prefix") if prefix else checked_name(lsun_prefix(src),
+                                                                              f"the folder name of {src}")
+        if "_" in prefix:
+            raise DataError(f"prefix {prefix!r} contains '_': the label is what comes before the first '_'")
+        with self._open() as env, env.begin() as txn:
+            total = env.stat()["entries"] if limit is None else min(limit, env.stat()["entries"])
+            keys = list(itertools.islice(txn.cursor().iternext(values=False), total))
+        self.names, self._keys = in_listing_order([(f"{prefix}_{i:07d}.png", key) for i, key in enumerate(keys)])
+        self._txn = None  # opened by the process that reads records
+
+    def _open(self):
+        lmdb = _import_lmdb()
+        try:
+            return lmdb.open(self.where, readonly=True, lock=False, readahead=False, subdir=os.path.isdir(self.where))
+        except lmdb.Error as e:
+            raise DataError(f"cannot open the LMDB {self.where}: {e}") from None
+
+    def image(self, index: int) -> Image.Image:
+        if self._txn is None:
+            self._txn = self._open().begin()
+        key = self._keys[index]
+        try:
+            image = Image.open(io.BytesIO(self._txn.get(key)))
+            image.load()
+        except DECODE_ERRORS as e:
+            raise DataError(f"cannot decode record {key!r} of {self.where}: {e}") from None
+        return Image.fromarray(lsun_square(image, self.image_size))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_txn": None}  # each pack worker opens the LMDB itself
 
 
 # ---------------------------------------------------------------------------------------------- ImageNet
@@ -199,6 +234,17 @@ def imagenet_plan(src: str) -> list[tuple[str, str]]:
     if not plan:
         raise DataError(f"no images in the class folders of {src}")
     return plan
+
+
+class ImagenetSource:
+    """The images of one folder per synset under their flat, label-prefixed names (for packing)."""
+
+    def __init__(self, src: str):
+        self.where = src
+        self.names, self._paths = in_listing_order([(name, path) for path, name in imagenet_plan(src)])
+
+    def image(self, index: int) -> Image.Image:
+        return decode(self._paths[index])
 
 
 def imagenet(src: str, out: str, mode: str = "link") -> int:

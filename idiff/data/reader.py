@@ -80,7 +80,12 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
-    """The original's resize and crop of a decoded image: float32 [3, size, size] in [-1, 1].
+    """The original's resize and crop of a decoded image: float32 [3, size, size] in [-1, 1]."""
+    return to_model_input(resize_and_crop(image, size))
+
+
+def resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The original's resize and center crop: uint8 [size, size, 3]. Packing stores exactly these pixels.
 
     The conversion to RGB comes after resizing, as in the original: Pillow resizes palette images
     with nearest-neighbour and RGBA ones with premultiplied alpha, and results must stay comparable.
@@ -90,7 +95,12 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)
     image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = center_crop(np.asarray(image.convert("RGB")), size).astype(np.float32) / 127.5 - 1
+    return center_crop(np.asarray(image.convert("RGB")), size)
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] pixels as the model takes them: float32 [3, H, W] in [-1, 1]."""
+    arr = pixels.astype(np.float32) / 127.5 - 1
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -108,6 +118,26 @@ def decode(path: str) -> Image.Image:
 def flip_at(seed: int, position: int) -> bool:
     """The random-flip decision for one stream position: independent of workers, ranks and resumes."""
     return derive_seed(seed, Stream.DATA_FLIP, position) % 2 == 1
+
+
+def flipped_if_drawn(arr: np.ndarray, random_flip: bool, seed: int, position: int) -> np.ndarray:
+    """``arr`` mirrored left-right when random_flip is on and the draw for stream ``position`` says so."""
+    if random_flip and position >= 0 and flip_at(seed, position):
+        return np.ascontiguousarray(arr[:, :, ::-1])
+    return arr
+
+
+def labels_from_prefixes(paths: list[str], where: str) -> tuple[list[str], list[int]]:
+    """Sorted class names and each path's label, from the file names' prefixes before '_'."""
+    prefixes = [class_prefix(path) for path in paths]
+    unlabelled = [path for path, prefix in zip(paths, prefixes) if not prefix]
+    if unlabelled:
+        raise DataError(
+            f"class_cond needs a class prefix before '_' in every file name; {len(unlabelled)} of "
+            f"{len(paths)} files under {where} have none, e.g. {unlabelled[0]}")
+    classes = sorted(set(prefixes))
+    class_index = {name: i for i, name in enumerate(classes)}
+    return classes, [class_index[prefix] for prefix in prefixes]
 
 
 class ImageDataset:
@@ -142,22 +172,12 @@ class ImageDataset:
         """File ``index`` preprocessed; with random_flip, mirrored as decided for stream ``position``."""
         path = self.files[index]
         image = decode(path)
-        arr = preprocess(image, self.image_size)
-        if self.random_flip and position >= 0 and flip_at(self.seed, position):
-            arr = np.ascontiguousarray(arr[:, :, ::-1])
+        arr = flipped_if_drawn(preprocess(image, self.image_size), self.random_flip, self.seed, position)
         label = self.labels[index] if self.labels is not None else -1
         return Example(arr, label, position, index, min(image.size) < self.image_size)
 
     def _labels(self) -> tuple[list[str], list[int]]:
-        prefixes = [class_prefix(path) for path in self.files]
-        unlabelled = [path for path, prefix in zip(self.files, prefixes) if not prefix]
-        if unlabelled:
-            raise DataError(
-                f"class_cond needs a class prefix before '_' in every file name; {len(unlabelled)} of "
-                f"{len(self.files)} files under {self.data_dir} have none, e.g. {unlabelled[0]}")
-        classes = sorted(set(prefixes))
-        class_index = {name: i for i, name in enumerate(classes)}
-        return classes, [class_index[prefix] for prefix in prefixes]
+        return labels_from_prefixes(self.files, self.data_dir)
 
     def _readable(self, relative: list[str]) -> list[str]:
         """Decode every file once (skip_corrupt): keep the readable ones, count the small ones."""

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import rng, storage
 from ..checkpoints import CheckpointStore
-from ..data import ImageDataset, ShardedLoader
+from ..data import ShardedLoader, open_images
 from ..diffusion.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
 from ..errors import UserError
 from ..factory import create_any_model_and_diffusion
@@ -49,7 +49,7 @@ def train(spec, env: RankEnv, hooks) -> str:
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
     # Inputs: checked before anything is written.
-    dataset = ImageDataset(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
+    dataset = open_images(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
                            random_flip=cfg.random_flip, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
     if spec.model.class_cond and len(dataset.classes) > spec.model.num_classes:
         raise UserError(f"{cfg.data_dir} has {len(dataset.classes)} classes but model.num_classes is "
