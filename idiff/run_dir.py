@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 
 from . import storage
 from .errors import UserError, brief
@@ -87,6 +88,16 @@ class RunDir:
         data = self.saved_spec()
         return None if data is None else parse_spec({**data, "run_dir": self.path}, source=self.spec_file)
 
+    def changed_end(self, spec) -> dict:
+        """{"train.max_steps": [old, new], ...}: where ``spec`` ends that the saved run did not (an extension)."""
+        previous = self.saved_spec() if self.is_owned() else None
+        if not previous or previous.get("kind") != spec.kind:
+            return {}
+        saved, wanted = previous.get(spec.kind) or {}, getattr(spec, spec.kind).model_dump(mode="json")
+        ends = spec.RUN_END.get(spec.kind, ())
+        return {f"{spec.kind}.{key}": [saved.get(key), wanted[key]] for key in sorted(ends)
+                if key in saved and saved.get(key) != wanted[key]}
+
     def is_owned(self) -> bool:
         """Whether idiff took this folder: its spec.yaml carries the mark idiff writes, or (a run dir made
         before the mark existed) sits beside idiff's own job history."""
@@ -142,7 +153,7 @@ def check_run_dir(spec, force_new: bool = False) -> None:
             raise SpecError(f"{run_dir.path}: --force-new cannot move a remote run dir aside; choose another run_dir")
         return
     previous = run_dir.saved_job()
-    if previous.run_hash() != spec.run_hash():
+    if spec.run_hash() not in previous.run_hashes():
         exclude = {"resources", "run_dir"}
         changed = _differences(previous.model_dump(mode="json", exclude=exclude),
                                spec.model_dump(mode="json", exclude=exclude))
@@ -161,7 +172,13 @@ def claim_run_dir(spec, force_new: bool = False) -> RunDir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
     storage.makedirs(run_dir.path)
+    ends = run_dir.changed_end(spec)
     run_dir.write_spec(dump_spec(spec))
+    if ends:
+        run_dir.record("extend", changed=ends)
+        print(f"idiff: {run_dir.path}: the run now ends at "
+              f"{', '.join(f'{key}={new} (was {old})' for key, (old, new) in ends.items())}; it continues from its "
+              f"newest checkpoint as if it had been asked for this from the start", file=sys.stderr, flush=True)
     return run_dir
 
 

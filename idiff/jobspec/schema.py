@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -547,13 +547,25 @@ class Job(Section):
         section means the original's defaults)."""
         return {**self.model.model_dump(), **(self.diffusion or DiffusionSection()).model_dump()}
 
+    # Where a run ends is not part of what it computes: a training run may be extended (train.max_steps raised)
+    # and continues as if it had been asked for the longer run from the start.
+    RUN_END: ClassVar[dict] = {}
+
     def run_hash(self) -> str:
-        """Identity of the computation: everything but where it runs and which resources it gets."""
-        body = self.model_dump(mode="json", exclude={"resources", "run_dir"})
+        """Identity of the computation: everything but where it runs, which resources it gets and where it ends."""
+        return self._hash(exclude={"resources": True, "run_dir": True, **self.RUN_END})
+
+    def run_hashes(self) -> tuple[str, str]:
+        """run_hash, and the hash that checkpoints of idiff versions before extensible runs hold (with the end)."""
+        return self.run_hash(), self._hash(exclude={"resources", "run_dir"})
+
+    def _hash(self, exclude) -> str:
+        body = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class TrainJob(Job):
+    RUN_END: ClassVar[dict] = {"train": {"max_steps", "max_images"}}
     kind: Literal["train"]
     model: ModelSection = Field(default_factory=ModelSection)
     diffusion: DiffusionSection = Field(default_factory=DiffusionSection)

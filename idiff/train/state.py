@@ -56,7 +56,7 @@ class TrainState:
         """Everything of checkpoint ``step`` of this spec: the run continues exactly where it stopped."""
         files = checkpoint_files(step, self.spec.train.ema_rates)
         rest = store.load(files["state"])
-        if rest["run_hash"] != self.spec.run_hash():
+        if rest["run_hash"] not in self.spec.run_hashes():
             raise UserError(f"{store.manifest_path(step)} belongs to another spec (run hash {rest['run_hash']}); "
                             f"use another run_dir, or resume_checkpoint to start a new run from its weights")
         self.model.load_state_dict(store.load(files["model"]))
@@ -86,7 +86,7 @@ class TrainState:
         sibling = CheckpointStore(folder)
         files = checkpoint_files(step or 0, self.spec.train.ema_rates)
         if step is not None and step in sibling.steps() and sibling.problem(step) is None \
-                and sibling.load(files["state"])["run_hash"] == self.spec.run_hash():
+                and sibling.load(files["state"])["run_hash"] in self.spec.run_hashes():
             self.load(sibling, step)
             self._say(f"{RESUME_FIELD}: resuming checkpoint {step} of this same spec in {folder} exactly")
             return
