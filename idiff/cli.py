@@ -11,7 +11,7 @@ RUN_KINDS = ("train", "sample", "evaluate")
 def _add_run_command(subparsers, kind):
     from .jobspec.flags import add_flag_arguments
 
-    p = subparsers.add_parser(kind, help=f"run a {kind} job", description=(
+    p = subparsers.add_parser(kind, help=f"run {'an' if kind[0] in 'aeiou' else 'a'} {kind} job", description=(
         f"Run a {kind} job from a YAML spec and/or the original scripts' flags (flags override the spec)."))
     p.add_argument("spec", nargs="?", help="job spec YAML (optional when flags describe the job)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -150,8 +150,10 @@ def spec_from_job_arguments(kind: str, words: list[str], prog: str):
 
 
 def _status(args, argv) -> int:
-    from .status import print_status
+    from .status import print_runs, print_status
 
+    if args.run_dir is None:
+        return print_runs()
     return print_status(args.run_dir, verify=args.verify, watch=args.watch)
 
 
@@ -191,7 +193,9 @@ def make_parser() -> argparse.ArgumentParser:
         "stage reads is written by an earlier stage or exists"))
     p.set_defaults(handler=_validate)
     p = sub.add_parser("spec", help="print the spec a flag invocation means, or the spec reference")
-    p.add_argument("--from-flags", dest="kind", choices=RUN_KINDS, help="the job kind whose flags follow")
+    p.add_argument("--from-flags", dest="kind", choices=RUN_KINDS, metavar="{" + ",".join(RUN_KINDS) + "}",
+                   help="the job kind whose original flags follow, e.g. `idiff spec --from-flags train --image_size 64 "
+                        "--num_channels 128 ...`")
     p.add_argument("--docs", action="store_true", help="print the spec reference (markdown)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema")
     p.set_defaults(handler=_spec)
@@ -199,7 +203,7 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Where a run stands (or, for a stage of a chain, the whole chain): each Slurm "
                                    "job's state and restarts, the step or images done, throughput and ETA, the last "
                                    "checkpoint and the evaluations.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?", help="a run dir; without it, the runs below this folder, a line each")
     p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                    help="print it again every SECONDS (default 10) until no job is queued or running")
     p.add_argument("--verify", action="store_true",

@@ -116,8 +116,10 @@ def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
             if isinstance(row.get("loss"), (int, float)):
                 text += f", loss {row['loss']:.5f}"
             if isinstance(rate, (int, float)) and rate > 0:
+                # The rate of the last log interval, as log.jsonl has it; the progress line's is the mean since
+                # the job started (start-up included), so the two may differ.
                 eta = (total - step) * spec.train.batch_size / rate
-                text += f", {rate:.3g} img/s, eta {format_duration(eta)}"
+                text += f", {rate:.3g} img/s over the last {spec.train.log_interval} steps, eta {format_duration(eta)}"
             lines.append(f"last log: {text} (log.jsonl{_age(run_dir / 'log.jsonl')})")
         lines += _checkpoints(run_dir, verify)
         lines += _evaluations(run_dir)
@@ -242,6 +244,31 @@ def _history(history: list[dict]) -> list[str]:
                                                        "status", "signal", "step") if event.get(k) not in (None, ""))
         lines.append(f"  {event['time']}  {event['event']:<5}  {details}")
     return lines
+
+
+def run_dirs_below(folder: str, depth: int = 2) -> list[str]:
+    """The run dirs idiff made in ``folder`` and up to ``depth`` levels below it (runs/demo, ...)."""
+    found, level = [], [folder]
+    for _ in range(depth):
+        level = sorted(os.path.join(parent, name) for parent in level for name in os.listdir(parent)
+                       if os.path.isdir(os.path.join(parent, name)) and not name.startswith("."))
+        found += [path for path in level if RunDir(path).is_owned()]
+    return found
+
+
+def print_runs(folder: str = ".", out=None) -> int:
+    """``idiff status`` without a run dir: one line per run dir below ``folder``."""
+    out = out or sys.stdout
+    runs = run_dirs_below(folder)
+    if not runs:
+        raise UserError(f"idiff status RUN_DIR: no run dir in {os.path.abspath(folder)} or the two levels below it; "
+                        f"name one (e.g. idiff status runs/demo)")
+    for path in runs:
+        spec = _saved_spec(RunDir(path))
+        progress = run_progress(RunDir(path), spec, verify=False)[:1] if spec is not None else ["unreadable spec.yaml"]
+        kind = spec.kind if spec is not None else "?"
+        print(f"{os.path.relpath(path, folder)}: {kind}; {progress[0] if progress else 'nothing done yet'}", file=out)
+    return 0
 
 
 def print_status(path, *, verify: bool = False, watch: float | None = None, out=None) -> int:

@@ -28,9 +28,10 @@ class SpecError(UserError):
 
 
 def load_spec(path, overrides=()) -> Job:
-    """Validate the YAML file at ``path`` with ``--set`` style ``overrides`` applied."""
+    """Validate the YAML file at ``path`` with ``--set`` style ``overrides`` applied; an error in a value that
+    an override set names the ``--set`` argument, not a line of the file."""
     data, text = read_spec_data(path)
-    return parse_spec(apply_overrides(data, overrides), source=str(path), text=text)
+    return parse_spec(apply_overrides(data, overrides), source=str(path), text=text, overrides=overrides)
 
 
 def read_spec_data(path) -> tuple[dict, str]:
@@ -110,11 +111,11 @@ def _check_size(text: str, source: str) -> None:
                             f"(through aliases); a job spec is far smaller")
 
 
-def parse_spec(data: dict, source: str = "<spec>", text: str | None = None) -> Job:
+def parse_spec(data: dict, source: str = "<spec>", text: str | None = None, overrides=()) -> Job:
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(err, data, source, text)) from None
+        raise SpecError(format_validation_error(err, data, source, text, overrides)) from None
 
 
 def dump_spec(spec: Job) -> str:
@@ -142,7 +143,9 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 # ----------------------------------------------------------------------------- error messages
-def format_validation_error(err: ValidationError, data: dict, source: str, text: str | None) -> str:
+def format_validation_error(err: ValidationError, data: dict, source: str, text: str | None,
+                            overrides=()) -> str:
+    set_by = {item.partition("=")[0]: item for item in overrides}  # dotted key -> its --set argument
     lines = [f"{source}: invalid job spec"]
     errors = err.errors()
     for error in errors[:MAX_LISTED_ERRORS]:
@@ -150,8 +153,10 @@ def format_validation_error(err: ValidationError, data: dict, source: str, text:
         if loc and loc[0] in KINDS:  # the discriminated union prefixes the kind
             loc = loc[1:]
         dotted = ".".join(str(p) if len(str(p)) <= 40 else f"{str(p)[:40]}..." for p in loc) or "(top level)"
-        line = _line_of(text, loc) if text else None
-        where = f"line {line}: " if line else ""
+        override = next((item for key, item in set_by.items()
+                         if ".".join(map(str, loc)) == key or ".".join(map(str, loc)).startswith(key + ".")), None)
+        line = _line_of(text, loc) if text and override is None else None
+        where = f"--set {brief(override)}: " if override else f"line {line}: " if line else ""
         lines.append(f"  {where}{dotted}: {_describe(error, data, loc)}")
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS} more")
@@ -161,12 +166,7 @@ def format_validation_error(err: ValidationError, data: dict, source: str, text:
 def _describe(error, data, loc) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        model = _model_at(_job_class(data), loc[:-1])
-        names = list(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-        if close:
-            return f"unknown key; did you mean {close[0]!r}?"
-        return f"unknown key (known: {', '.join(names)})"
+        return _unknown_key(_job_class(data), loc)
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         return f"kind must be one of {', '.join(KINDS)}"
     message = error["msg"].removeprefix("Value error, ")
@@ -175,6 +175,33 @@ def _describe(error, data, loc) -> str:
     if "input" in error and kind not in ("value_error", "assertion_error") and not isinstance(error["input"], dict):
         return f"{message} (got {brief(error['input'])})"
     return message
+
+
+def _unknown_key(job, loc) -> str:
+    """What the user probably meant by the key at ``loc``, from the spec models alone: a field that lists it
+    among its ``aliases`` (the names other tools and papers use), the field of that name in another section,
+    or a field spelled alike."""
+    key, model = str(loc[-1]), _model_at(job, loc[:-1])
+    names = list(model.model_fields) if model else []
+    aliased = [name for name in names if key in (model.model_fields[name].json_schema_extra or {}).get("aliases", ())]
+    if aliased:
+        return f"unknown key; did you mean {aliased[0]!r}?"
+    elsewhere = [".".join(path) for path, field in _fields(job) if path[-1] == key and list(path[:-1]) != loc[:-1]]
+    if elsewhere:
+        return f"unknown key here; {key} belongs in {' or '.join(elsewhere)}"
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key (known: {', '.join(names)})"
+
+
+def _fields(cls, prefix=()):
+    """(path, field) of every field of the model ``cls`` and of its sections, depth first."""
+    for name, field in cls.model_fields.items():
+        yield (*prefix, name), field
+        section = _model_at(cls, [name])
+        if section is not None:
+            yield from _fields(section, (*prefix, name))
 
 
 def _job_class(data):

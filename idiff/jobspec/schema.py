@@ -33,8 +33,10 @@ class ModelSection(Section):
     """The UNet. Names and defaults are the original's flags."""
 
     image_size: PositiveInt = Field(64, description="side of the square images, px")
-    num_channels: PositiveInt = Field(128, description="channels at the first resolution level")
-    num_res_blocks: PositiveInt = Field(2, description="residual blocks per resolution level")
+    num_channels: PositiveInt = Field(128, description="channels at the first resolution level",
+        json_schema_extra={"aliases": ["model_channels", "channels", "base_channels"]})
+    num_res_blocks: PositiveInt = Field(2, description="residual blocks per resolution level",
+        json_schema_extra={"aliases": ["res_blocks", "layers_per_block"]})
     num_heads: PositiveInt = Field(4, description="attention heads")
     num_heads_upsample: int = Field(-1, ge=-1, description="attention heads in the decoder; -1 = num_heads")
     attention_resolutions: str = Field("16,8", description="resolutions (px) that get self-attention, comma list")
@@ -106,8 +108,10 @@ class ModelSection(Section):
 class DiffusionSection(Section):
     """The diffusion process. Names and defaults are the original's flags."""
 
-    diffusion_steps: int = Field(1000, ge=2, le=100_000, description="T, the number of diffusion steps")
-    noise_schedule: Literal[SCHEDULES] = Field("linear", description="beta schedule")
+    diffusion_steps: int = Field(1000, ge=2, le=100_000, description="T, the number of diffusion steps",
+        json_schema_extra={"aliases": ["timesteps", "num_timesteps", "num_diffusion_steps"]})
+    noise_schedule: Literal[SCHEDULES] = Field("linear", description="beta schedule",
+        json_schema_extra={"aliases": ["beta_schedule", "schedule"]})
     timestep_respacing: str = Field("", description="keep only some steps: '250', '10,15,20' or 'ddim50'")
     use_kl: bool = Field(False, description="train on L_vlb instead of the simple/hybrid loss")
     predict_xstart: bool = Field(False, description="the model predicts x_0 instead of the noise")
@@ -141,12 +145,15 @@ class TrainSection(Section):
     batch_size: PositiveInt = Field(description="GLOBAL batch, images per optimizer step over all ranks")
     microbatch: Literal["auto"] | PositiveInt | None = Field(
         None, description="images per forward pass on a rank; 'auto' = largest that fits; none = the rank's batch")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate",
+        json_schema_extra={"aliases": ["learning_rate", "base_lr"]})
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_anneal_steps: int = Field(0, ge=0, description="anneal lr linearly to 0 over this many steps; 0 = constant")
-    ema_rate: str = Field("0.9999", description="EMA decay rates, comma list; one fp32 copy each")
+    ema_rate: str = Field("0.9999", description="EMA decay rates, comma list; one fp32 copy each",
+        json_schema_extra={"aliases": ["ema_decay", "ema"]})
     schedule_sampler: Literal[SCHEDULE_SAMPLERS] = Field("uniform", description="timestep sampler")
-    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
+    max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps",
+        json_schema_extra={"aliases": ["iterations", "num_steps", "total_steps", "train_steps"]})
     max_images: PositiveInt | None = Field(None, description="stop once this many images were seen")
     save_interval: PositiveInt = Field(10000, description="steps between checkpoints")
     log_interval: PositiveInt = Field(10, description="steps between log.jsonl / progress.csv rows")
@@ -225,6 +232,8 @@ class ModelSource(Section):
 
 
 class SampleSection(ModelSource):
+    """Drawing images: how many, with which sampler and steps; image i depends only on (seed, i) and the weights."""
+
     num_samples: PositiveInt = Field(10000, description="images to draw")
     batch_size: PositiveInt = Field(16, description="GLOBAL batch, split over ranks")
     use_ddim: bool = Field(False, description="DDIM instead of ancestral sampling")
