@@ -114,7 +114,8 @@ def spec_summary(spec) -> str:
     if spec.kind == "sample":
         s = spec.sample
         how = s.sampling
-        return f"sample {spec.name}: {s.num_samples} images, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
+        sets = f" x {s.seed_sets} seed sets" if s.seed_sets > 1 else ""
+        return f"sample {spec.name}: {s.num_samples} images{sets}, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
     return f"evaluate {spec.name}: {', '.join(spec.evaluate.metrics)}; {where} -> {spec.run_dir}"
 
 

@@ -126,7 +126,7 @@ def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
         done = sum(s.end - s.start for s in scan_shards(run_dir.samples))
         names = storage.listdir(run_dir.path) if storage.isdir(run_dir.path) else []
         collected = sorted(n for n in names if n.startswith("samples_") and n.endswith(".npz"))
-        lines.append(f"progress: {done}/{spec.sample.num_samples} images in shards"
+        lines.append(f"progress: {done}/{spec.sample.total_samples} images in shards"
                      + (f"; collected {run_dir / collected[-1]}" if collected else ""))
     else:
         if "nll" in spec.evaluate.metrics:

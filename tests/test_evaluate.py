@@ -10,7 +10,7 @@ import torch
 from conftest import assert_refused, idiff, write_spec
 from PIL import Image
 
-from idiff.evaluate import fidelity_inputs, fidelity_metrics
+from idiff.fidelity import fidelity_inputs, fidelity_metrics
 
 NUM_IMAGES = 4  # the fewest precision/recall takes: every image costs an Inception pass at 299 px
 
