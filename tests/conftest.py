@@ -76,6 +76,16 @@ def slurm_cluster_problem() -> str | None:
     return f"nodes {down} are not up: run slurm/start-cluster.sh" if down else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reference_statistics_cache(tmp_path_factory):
+    """Evaluations cache reference statistics in the session's own folder, never in the user's ~/.cache."""
+    folder = str(tmp_path_factory.mktemp("idiff-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IDIFF_CACHE_DIR", folder)
+        patch.setitem(TEST_ENV, "IDIFF_CACHE_DIR", folder)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
     """64 labelled 16px images, made by ``idiff data synthetic``'s code."""
