@@ -145,7 +145,8 @@ def spec_summary(spec) -> str:
         s = spec.sample
         how = s.sampling
         sets = f" x {s.seed_sets} seed sets" if s.seed_sets > 1 else ""
-        return f"sample {spec.name}: {s.num_samples} images{sets}, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
+        return (f"sample {spec.name}: {s.num_samples} images{sets}, {how}, batch {s.batch_size}; {where} -> "
+                f"{spec.run_dir}")
     return f"evaluate {spec.name}: {', '.join(spec.evaluate.metrics)}; {where} -> {spec.run_dir}"
 
 

@@ -21,8 +21,8 @@ from .data import ImageDataset
 from .dist.env import RankEnv
 from .dist.signals import any_rank
 from .errors import UserError
-from .progress import Progress
 from .fidelity import FIDELITY_METRICS, fidelity_inputs, fidelity_metrics
+from .progress import Progress
 from .shards import complete_ranges, missing_parts, rank_ranges, read_npz, scan_shards, write_shard
 
 PER_TIMESTEP_TERMS = ("vb", "mse", "xstart_mse")  # calc_bpd_loop's [N, T] outputs

@@ -2,10 +2,10 @@
 
 Sample i is a pure function of (model, seed, i): its label, x_T and every step's noise come from
 one generator seeded by (seed, i). With ``seed_sets: K`` the job draws indices [0, K N) of N = num_samples,
-and seed set k is [k N, (k+1) N): disjoint, and set 0 is what a job of one set draws. Shards are pure functions of their index range, so a requeued
-job only draws the ranges no complete shard covers, and any world size or batch size gives the
-same images, up to kernels that round differently for another batch size or thread count (on
-the CPU a rare pixel may then differ by 1).
+and seed set k is [k N, (k+1) N): disjoint, and set 0 is what a job of one set draws.
+Shards are pure functions of their index range, so a requeued job only draws the ranges no complete shard
+covers, and any world size or batch size gives the same images, up to kernels that round differently for
+another batch size or thread count (on the CPU a rare pixel may then differ by 1).
 """
 
 import json

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import storage
 from ..errors import UserError
 from ..run_dir import RunDir
+from ..spec.load import parse_spec
 from ..spec.schema import DiffusionSection
 from .images import ImageSource
 from .inception import INPUT_PATH, LAYERS, NETWORK
@@ -35,9 +36,12 @@ def sample_run_of(samples: ImageSource) -> SampleRun:
     folder = samples.path if not samples.is_npz else os.path.dirname(samples.path)
     run = RunDir(folder)
     data = run.saved_spec() if samples.is_npz else None
-    if not data or data.get("kind") != "sample":
+    if not data or data.get("kind") != "sample" or not isinstance(data.get("sample"), dict):
         return SampleRun(None, 1, None)
-    job = run.saved_job()
+    if data["sample"].get("sampler") is not None:
+        # spec.yaml writes every default, and use_ddim: false beside sampler: ddim reads back as a contradiction
+        data = {**data, "sample": {k: v for k, v in data["sample"].items() if k != "use_ddim"}}
+    job = parse_spec({**data, "run_dir": folder}, source=run.spec_file)
     s = job.sample
     if samples.count != s.num_samples * s.seed_sets:
         raise UserError(f"evaluate.samples: {samples.path} holds {samples.count} images, but its run's spec draws "

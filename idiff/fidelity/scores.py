@@ -96,8 +96,12 @@ def fidelity_metrics(inputs: FidelityInputs, metrics, device, cache: ReferenceCa
 
 def _scores(features, ref, metrics) -> dict:
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-    from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                                           prc_features_to_metric)
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_F_SCORE,
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
 
     out = {}
     if "fid" in metrics:

@@ -33,7 +33,8 @@ class Moments:
         return cls(features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False)))
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.mu.astype(np.float64).tobytes() + self.sigma.astype(np.float64).tobytes()).hexdigest()
+        data = self.mu.astype(np.float64).tobytes() + self.sigma.astype(np.float64).tobytes()
+        return hashlib.sha256(data).hexdigest()
 
 
 def frechet_distance(a: Moments, b: Moments) -> float:

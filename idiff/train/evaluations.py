@@ -22,7 +22,8 @@ from .metrics import summary_writer
 
 SUBMITTED = "submitted.json"  # in evals/<step>/: the Slurm jobs of that step's evaluation
 # metric -> {number in its eval/<metric>.json: name in evals.jsonl and metrics.png}
-HEADLINES = {"nll": {"bpd": "nll_bpd"}, "fid": {"fid": "fid"}, "sfid": {"sfid": "sfid"}, "inception_score": {"mean": "inception_score"},
+HEADLINES = {"nll": {"bpd": "nll_bpd"}, "fid": {"fid": "fid"}, "sfid": {"sfid": "sfid"},
+             "inception_score": {"mean": "inception_score"},
              "precision_recall": {"precision": "precision", "recall": "recall"}}
 
 
