@@ -134,6 +134,7 @@ def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
             lines.append(f"progress: nll {done}/{spec.evaluate.num_samples} images")
         if storage.exists(run_dir.metrics_file):
             lines.append(f"results: {run_dir / 'metrics.json'}")
+            lines += _protocol_lines(json.loads(storage.read_text(run_dir.metrics_file)).get("protocol"), [])
     return lines
 
 
@@ -176,7 +177,19 @@ def _evaluations(run_dir: RunDir) -> list[str]:
         return []
     last = rows[max(rows)]
     numbers = ", ".join(f"{k} {v:.4g}" for k, v in last["metrics"].items())
-    return [f"evaluations: {len(rows)} (last: step {last['step']}: {numbers}; {run_dir.evals_plot})"]
+    lines = [f"evaluations: {len(rows)} (last: step {last['step']}: {numbers}; {run_dir.evals_plot})"]
+    return lines + _protocol_lines(last.get("protocol"), [row.get("protocol") for row in rows.values()])
+
+
+def _protocol_lines(protocol: dict | None, others: list) -> list[str]:
+    """The protocol of fidelity scores, and which deciding fields differ among ``others`` (marked, not hidden)."""
+    from .fidelity.protocol import differences, summary
+
+    if protocol is None:
+        return []
+    differ = sorted({name for other in others if other is not None for name in differences(protocol, other)})
+    return [f"protocol: {summary(protocol)}"] + \
+        ([f"protocol: ! evaluations differ in {', '.join(differ)}: their scores are not comparable"] if differ else [])
 
 
 def _saved_spec(run: RunDir):

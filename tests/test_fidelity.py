@@ -212,6 +212,9 @@ def test_the_protocol_and_seed_sets_are_recorded_with_the_scores(sample_runs, tr
     assert sets["min"]["fid"] == min(per_set) and sets["std"]["fid"] == pytest.approx(np.std(per_set, ddof=1))
     assert "minimum" in sets["note"]
 
+    status = idiff_in_process("status", run_dir).stdout
+    assert "protocol: 2 samples x 2 seed sets, seed 3 indices 0-4, ddim 5 steps" in status
+
     (trained["root"] / "train-like").mkdir()
     row = record_evaluation(trained["root"] / "train-like", 4, run_dir, None)  # the row of evals.jsonl
     assert row["protocol"] == p and row["metrics"]["fid"] == metrics["fid"]["fid"]

@@ -101,3 +101,14 @@ def differences(a: dict | None, b: dict | None) -> list[str]:
     if a is None or b is None:
         return list(COMPARABILITY)
     return [name for name in COMPARABILITY if field(a, name) != field(b, name)]
+
+
+def summary(p: dict) -> str:
+    """One line: the fields that decide comparability, and the seeds and sampler."""
+    seeds = p.get("seeds") or {}
+    drawn = f", seed {seeds['seed']} indices {seeds['indices'][0]}-{seeds['indices'][1]}" if seeds else ""
+    sets = f" x {seeds['seed_sets']} seed sets" if seeds.get("seed_sets", 1) > 1 else ""
+    sampling = f", {field(p, 'sampling.described')}" if field(p, "sampling.described") else ""
+    return (f"{p.get('num_samples')} samples{sets}{drawn}{sampling}; reference statistics "
+            f"{str(field(p, 'reference.statistics_sha256'))[:12]} ({field(p, 'reference.statistics')}); Inception "
+            f"{str(field(p, 'inception.weights_sha256'))[:12]}, {p.get('feature_layer')}")
