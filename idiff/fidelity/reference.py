@@ -90,7 +90,7 @@ def reference_features(reference: Reference, size, inception, weights_sha256: st
 def _compute(source: ImageSource, size, inception, with_moments: bool) -> dict[str, np.ndarray]:
     images = load_images(source, size)
     features = inception.features(images)
-    entry = {"pr_features": features["pool"][pr_subset(len(images))].astype(np.float32)}
+    entry = {"pr_features": features["pool"][pr_subset(len(images))]}
     if with_moments:
         pool, spatial = Moments.of(features["pool"]), Moments.of(features["spatial"])
         entry.update(mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)

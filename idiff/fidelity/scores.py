@@ -109,12 +109,12 @@ def _scores(features, ref, metrics) -> dict:
     if "sfid" in metrics:
         out["sfid"] = {"sfid": frechet_distance(Moments.of(features["spatial"]), ref.spatial)}
     if "inception_score" in metrics:
-        logits = torch.from_numpy(features["logits"]).float()
+        logits = torch.from_numpy(features["logits"])
         isc = isc_features_to_metric(logits, splits=min(10, len(logits)), shuffle=True, rng_seed=2020)
         out["inception_score"] = {"mean": isc[KEY_METRIC_ISC_MEAN], "std": isc[KEY_METRIC_ISC_STD]}
     if "precision_recall" in metrics:
         # Blocked k-NN distances (save_cpu_ram): the full matrix of 50,000 images would take 10 GB.
-        prc = prc_features_to_metric(torch.from_numpy(features["pool"]).float(), torch.from_numpy(ref.pr_features),
+        prc = prc_features_to_metric(torch.from_numpy(features["pool"]), torch.from_numpy(ref.pr_features),
                                      prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=True,
                                      verbose=False)
         out["precision_recall"] = {"precision": prc[KEY_METRIC_PRECISION], "recall": prc[KEY_METRIC_RECALL],
