@@ -21,6 +21,16 @@ def _add_run_command(subparsers, kind):
                    help="the run dir holds another spec: move it aside and start afresh")
     p.add_argument("--name", help="run name (default: from the spec, or a digest of the flags)")
     add_flag_arguments(p, kind)
+    if kind == "evaluate":
+        group = p.add_argument_group("reference statistics (instead of a job: idiff evaluate --make-reference SRC "
+                                     "--out REF.npz)")
+        group.add_argument("--make-reference", metavar="SRC", help=(
+            "write the statistics of the real images SRC (a folder or an .npz) in guided-diffusion's reference-batch "
+            "layout, with 10,000 of the images as arr_0 for precision/recall"))
+        group.add_argument("--out", metavar="REF.npz", help="the statistics file to write")
+        group.add_argument("--inception-weights", metavar="FILE", help="Inception weights (default: torch's cache)")
+        group.add_argument("--resolution", type=int, metavar="N", help="the size to resize a folder's images to")
+        group.add_argument("--device", default=None, help="where Inception runs (default: cuda if available)")
     p.set_defaults(handler=_run)
 
 
@@ -55,7 +65,27 @@ def _without_nproc(argv):
     return out
 
 
+def _make_reference(args) -> int:
+    import torch
+
+    from .fidelity.make_reference import make_reference
+
+    if args.spec or not args.out:
+        raise UserError("idiff evaluate --make-reference SRC --out REF.npz takes no spec; --out is required")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    make_reference(args.make_reference, args.out, args.inception_weights, args.resolution, device)
+    return 0
+
+
+def _compare(args, argv) -> int:
+    from .fidelity.compare import print_comparison
+
+    return print_comparison(args.runs)
+
+
 def _run(args, argv) -> int:
+    if getattr(args, "make_reference", None):
+        return _make_reference(args)
     from .launch.hooks import hooks_for
     from .launch.runner import exit_code, run_job
     from .ranks.env import detect_rank_env
@@ -116,7 +146,9 @@ def spec_summary(spec) -> str:
     if spec.kind == "sample":
         s = spec.sample
         how = s.sampling
-        return f"sample {spec.name}: {s.num_samples} images, {how}, batch {s.batch_size}; {where} -> {spec.run_dir}"
+        sets = f" x {s.seed_sets} seed sets" if s.seed_sets > 1 else ""
+        return (f"sample {spec.name}: {s.num_samples} images{sets}, {how}, batch {s.batch_size}; {where} -> "
+                f"{spec.run_dir}")
     return f"evaluate {spec.name}: {', '.join(spec.evaluate.metrics)}; {where} -> {spec.run_dir}"
 
 
@@ -209,6 +241,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint's files against its manifest's hashes (reads them all: slow)")
     p.set_defaults(handler=_status)
+    p = sub.add_parser("compare", help="fidelity scores of runs side by side, with their protocols",
+                       description="Print the scores of evaluate runs (or metrics.json files, or training runs' "
+                                   "evals.jsonl rows) side by side with the protocol of each, marking scores whose "
+                                   "protocols differ in a field that decides comparability.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_METRICS")
+    p.set_defaults(handler=_compare)
     p = sub.add_parser("srun-prefix", help="for slurm/*.sbatch: the container command of a job, one word a line",
                        description="Print the words that run KIND SPEC [OPTIONS] in the spec's resources.container "
                                    "under srun (nothing without a container).")

@@ -1,10 +1,11 @@
 """Sample jobs: images in shards that survive preemption, independent of ranks and batch size.
 
 Sample i is a pure function of (model, seed, i): its label, x_T and every step's noise come from
-one generator seeded by (seed, i). Shards are pure functions of their index range, so a requeued
-job only draws the ranges no complete shard covers, and any world size or batch size gives the
-same images, up to kernels that round differently for another batch size or thread count (on
-the CPU a rare pixel may then differ by 1).
+one generator seeded by (seed, i). With ``seed_sets: K`` the job draws indices [0, K N) of N = num_samples,
+and seed set k is [k N, (k+1) N): disjoint, and set 0 is what a job of one set draws.
+Shards are pure functions of their index range, so a requeued job only draws the ranges no complete shard
+covers, and any world size or batch size gives the same images, up to kernels that round differently for
+another batch size or thread count (on the CPU a rare pixel may then differ by 1).
 """
 
 import json
@@ -65,11 +66,11 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
         return arrays
 
     covered = complete_ranges(run_dir.samples, shard_arrays, env)
-    todo = [part for a, b in rank_ranges(s.num_samples, s.batch_size, env.rank, env.world_size)
+    todo = [part for a, b in rank_ranges(s.total_samples, s.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
     if env.is_main:
         done = sum(b - a for a, b in covered)
-        print(f"idiff: sampling {s.num_samples} images ({done} already in shards) from {source.describe()}, "
+        print(f"idiff: sampling {s.total_samples} images ({done} already in shards) from {source.describe()}, "
               f"{env.describe()}",
               file=sys.stderr, flush=True)
     # One line per shard where no terminal shows a bar: rank 0's shards, whose pace is every rank's.
@@ -138,10 +139,10 @@ def _base_samples(s, small_size, class_cond) -> dict | None:
         got = "no arr_0" if images is None else f"arr_0 {images.dtype} {list(images.shape)}"
         raise UserError(f"sample.base_samples: {s.base_samples} holds {got}; the model takes uint8 "
                         f"[N, {small_size}, {small_size}, 3] (model.small_size={small_size})")
-    if images.shape[0] < s.num_samples:
+    if images.shape[0] < s.total_samples:
         raise UserError(f"sample.base_samples holds {images.shape[0]} images, fewer than "
-                        f"num_samples={s.num_samples}")
-    if class_cond and (labels is None or len(labels.shape) != 1 or labels.shape[0] < s.num_samples
+                        f"num_samples x seed_sets={s.total_samples}")
+    if class_cond and (labels is None or len(labels.shape) != 1 or labels.shape[0] < s.total_samples
                        or labels.dtype.kind not in "iu"):
         raise UserError(f"{s.base_samples} has no label (arr_1) for each image, which a class-conditional "
                         f"upsampler needs")

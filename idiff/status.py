@@ -127,7 +127,7 @@ def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
         done = sum(s.end - s.start for s in scan_shards(run_dir.samples))
         names = storage.listdir(run_dir.path) if storage.isdir(run_dir.path) else []
         collected = sorted(n for n in names if n.startswith("samples_") and n.endswith(".npz"))
-        lines.append(f"progress: {done}/{spec.sample.num_samples} images in shards"
+        lines.append(f"progress: {done}/{spec.sample.total_samples} images in shards"
                      + (f"; collected {run_dir / collected[-1]}" if collected else ""))
     else:
         if "nll" in spec.evaluate.metrics:
@@ -135,6 +135,7 @@ def run_progress(run_dir: RunDir, spec, verify: bool) -> list[str]:
             lines.append(f"progress: nll {done}/{spec.evaluate.num_samples} images")
         if storage.exists(run_dir.metrics_file):
             lines.append(f"results: {run_dir / 'metrics.json'}")
+            lines += _protocol_lines(json.loads(storage.read_text(run_dir.metrics_file)).get("protocol"), [])
     return lines
 
 
@@ -177,7 +178,19 @@ def _evaluations(run_dir: RunDir) -> list[str]:
         return []
     last = rows[max(rows)]
     numbers = ", ".join(f"{k} {v:.4g}" for k, v in last["metrics"].items())
-    return [f"evaluations: {len(rows)} (last: step {last['step']}: {numbers}; {run_dir.evals_plot})"]
+    lines = [f"evaluations: {len(rows)} (last: step {last['step']}: {numbers}; {run_dir.evals_plot})"]
+    return lines + _protocol_lines(last.get("protocol"), [row.get("protocol") for row in rows.values()])
+
+
+def _protocol_lines(protocol: dict | None, others: list) -> list[str]:
+    """The protocol of fidelity scores, and which deciding fields differ among ``others`` (marked, not hidden)."""
+    from .fidelity.protocol import differences, summary
+
+    if protocol is None:
+        return []
+    differ = sorted({name for other in others if other is not None for name in differences(protocol, other)})
+    return [f"protocol: {summary(protocol)}"] + \
+        ([f"protocol: ! evaluations differ in {', '.join(differ)}: their scores are not comparable"] if differ else [])
 
 
 def _saved_spec(run: RunDir):

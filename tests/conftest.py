@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from idiff.cli import main as idiff_main
 from idiff.data.prepare import synthetic
@@ -76,12 +78,83 @@ def slurm_cluster_problem() -> str | None:
     return f"nodes {down} are not up: run slurm/start-cluster.sh" if down else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reference_statistics_cache(tmp_path_factory):
+    """Evaluations cache reference statistics in the session's own folder, never in the user's ~/.cache."""
+    folder = str(tmp_path_factory.mktemp("idiff-cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IDIFF_CACHE_DIR", folder)
+        patch.setitem(TEST_ENV, "IDIFF_CACHE_DIR", folder)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
     """64 labelled 16px images, made by ``idiff data synthetic``'s code."""
     out = tmp_path_factory.mktemp("data") / "shapes"
     synthetic(str(out), n=64, image_size=16, classes=2, seed=0)
     return str(out)
+
+
+NUM_IMAGES = 4  # the fewest precision/recall takes: every image costs an Inception pass at 299 px
+
+
+def require_eval_extra():
+    """FID, IS and precision/recall need the eval extra; NLL and collecting this module do not."""
+    return pytest.importorskip("torch_fidelity", reason="needs the eval extra: pip install .[eval]")
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised Inception state dict in a file: no download, the real loading path.
+
+    He-initialised so that features keep their scale through 90-odd layers (PyTorch's default init
+    shrinks them to ~1e-8, where FID drowns in rounding).
+    """
+    require_eval_extra()
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _UnloadedInception(FeatureExtractorInceptionV3):
+        """torch-fidelity's Inception with its weight loading skipped, for weights made up here."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    folder = tmp_path_factory.mktemp("inception")
+    empty = folder / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    network = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for module in network.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "inception.pth"
+    torch.save(network.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def images(shapes_dir, tmp_path_factory):
+    """The first shapes as a reference batch and folder, the same as a sample run dir, and noisier copies."""
+    folder = tmp_path_factory.mktemp("images")
+    files = sorted(Path(shapes_dir).glob("*.png"))[:NUM_IMAGES]
+    clean = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    paths = {"reference": folder / "reference.npz", "sample_run": folder / "sample-run",
+             "reference_folder": folder / "reference"}
+    paths["reference_folder"].mkdir()
+    for f in files:
+        shutil.copy(f, paths["reference_folder"])
+    np.savez(paths["reference"], arr_0=clean)
+    paths["sample_run"].mkdir()
+    np.savez(paths["sample_run"] / f"samples_{NUM_IMAGES}x16x16x3.npz", arr_0=clean)
+    noise = np.random.default_rng(0).normal(size=clean.shape)
+    for sigma in (16, 48):
+        paths[sigma] = folder / f"noisy-{sigma}.npz"
+        np.savez(paths[sigma], arr_0=(clean + sigma * noise).round().clip(0, 255).astype(np.uint8))
+    paths["small"], paths["few"] = folder / "small.npz", folder / "few.npz"
+    np.savez(paths["small"], arr_0=clean[:, ::2, ::2])
+    np.savez(paths["few"], arr_0=clean[:3])
+    return {name: str(path) for name, path in paths.items()}
 
 
 NUM_CLASSES = 2  # shapes_dir's classes

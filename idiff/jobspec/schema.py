@@ -252,6 +252,9 @@ class SampleSection(ModelSource):
     class_labels: Literal["random", "balanced"] | list[int] = Field(
         "random", description="class-conditional models: 'random', 'balanced' (round robin) or a list cycled")
     seed: int = Field(0, ge=0, description="sample i depends on (seed, i) only")
+    seed_sets: PositiveInt = Field(1, description=(
+        "draw this many disjoint sets of num_samples (set k: indices k*num_samples to (k+1)*num_samples - 1); "
+        "evaluating them reports each set's score, their mean, std and minimum"))
     base_samples: str | None = Field(None, description="super-resolution: .npz of low-res images (and labels)")
     precision: Precision = Field("fp32", description="fp32, or bf16/fp16 autocast")
 
@@ -301,6 +304,11 @@ class SampleSection(ModelSource):
         return self
 
     @property
+    def total_samples(self) -> int:
+        """Images the job draws: every seed set's."""
+        return self.num_samples * self.seed_sets
+
+    @property
     def sampler_name(self) -> str:
         """The sampler: ``sampler``, else what ``use_ddim`` says."""
         return self.sampler or ("ddim" if self.use_ddim else "ancestral")
@@ -330,7 +338,7 @@ class SampleSection(ModelSource):
         return f"{self.sampler_name} {chain}" + (f" {spacing}" if spacing else "")
 
 
-Metric = Literal["nll", "fid", "inception_score", "precision_recall"]
+Metric = Literal["nll", "fid", "sfid", "inception_score", "precision_recall"]
 
 
 class EvaluateSection(ModelSource):
@@ -344,7 +352,9 @@ class EvaluateSection(ModelSource):
     clip_denoised: bool = Field(True, description="nll: clip predicted x_0")
     seed: int = Field(0, ge=0, description="nll: noise seed")
     samples: str | None = Field(None, description="generated images: a .npz or a sample run dir")
-    reference: str | None = Field(None, description="real images: a folder or a .npz batch")
+    reference: str | None = Field(None, description=(
+        "real images (a folder or a .npz batch), or a statistics file in guided-diffusion's reference-batch layout "
+        "(mu, sigma[, mu_s, sigma_s, arr_0]; idiff evaluate --make-reference writes one)"))
     inception_weights: str | None = Field(None, description="pt_inception-2015-12-05 weights file (offline nodes)")
 
     @field_validator("metrics", mode="before")
@@ -362,7 +372,7 @@ class EvaluateSection(ModelSource):
             if not self.data_dir:
                 raise ValueError("nll needs data_dir")
         if set(self.metrics) - {"nll"} and not (self.samples and self.reference):
-            raise ValueError("fid / inception_score / precision_recall need samples and reference")
+            raise ValueError("fid / sfid / inception_score / precision_recall need samples and reference")
         return self
 
 

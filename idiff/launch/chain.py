@@ -79,7 +79,7 @@ def samples_file(stage: Stage, stages: list[Stage]) -> str | None:
         size = model.get("large_size") or model.get("image_size")
         if not isinstance(size, int):
             return None
-    return RunDir(spec.run_dir).collected(spec.sample.num_samples, size, size)
+    return RunDir(spec.run_dir).collected(spec.sample.total_samples, size, size)
 
 
 def check_chain(stages: list[Stage]) -> None:

@@ -22,7 +22,8 @@ from .training_log import summary_writer
 
 SUBMITTED = "submitted.json"  # in evals/<step>/: the Slurm jobs of that step's evaluation
 # metric -> {number in its eval/<metric>.json: name in evals.jsonl and metrics.png}
-HEADLINES = {"nll": {"bpd": "nll_bpd"}, "fid": {"fid": "fid"}, "inception_score": {"mean": "inception_score"},
+HEADLINES = {"nll": {"bpd": "nll_bpd"}, "fid": {"fid": "fid"}, "sfid": {"sfid": "sfid"},
+             "inception_score": {"mean": "inception_score"},
              "precision_recall": {"precision": "precision", "recall": "recall"}}
 
 
@@ -57,6 +58,8 @@ def record_evaluation(train_run_dir, step: int, evaluate_run_dir, job_id: str | 
     metrics = {name: results[metric][key] for metric, names in HEADLINES.items() if metric in results
                for key, name in names.items() if isinstance(results[metric].get(key), (int, float))}
     row = {"step": step, "metrics": metrics, "job_id": job_id, "time": utc_now(), "run_dir": str(evaluate_run_dir)}
+    if "protocol" in results:  # how the fidelity scores were obtained (idiff.fidelity.protocol)
+        row["protocol"] = results["protocol"]
     run = RunDir(train_run_dir)
     storage.append_text(run.evals_log, json.dumps(row) + "\n")
     plot_evaluations(sorted(evaluated_steps(run.path).values(), key=lambda r: r["step"]), run.evals_plot)
