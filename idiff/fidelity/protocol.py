@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from .. import storage
 from ..errors import UserError
-from ..run_dir import RunDir
 from ..jobspec.load import parse_spec
 from ..jobspec.schema import DiffusionSection
+from ..run_dir import RunDir
 from .images import ImageSource
 from .inception import INPUT_PATH, LAYERS, NETWORK
 
