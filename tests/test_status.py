@@ -41,7 +41,7 @@ def test_progress_throughput_and_eta_from_the_last_log_row(capsys, tmp_path):
     run = fake_run(tmp_path, rows=[{"step": s, "loss": 0.5, "images_per_s": 16.0} for s in range(1, 7)])
     out = status(capsys, run.path)
     # 6 of 12 steps; 6 steps x 8 images at 16 img/s: 3 s left
-    assert "last log: step 6/12 (50.0%), loss 0.50000, 16 img/s, eta 0:00:03" in out
+    assert "last log: step 6/12 (50.0%), loss 0.50000, 16 img/s over the last 1 steps, eta 0:00:03" in out
 
 
 def test_many_checkpoints_are_not_hashed_unless_verify(capsys, tmp_path):
