@@ -67,7 +67,7 @@ def test_a_stage_of_a_chain_shows_the_whole_chain(capsys, tmp_path):
     lines = out.splitlines()
     assert lines[0] == "chain of 2 jobs: finished"
     assert lines[1] == f"stage 1: train tiny in {train.path}; slurm job {UNKNOWN_JOB}: finished, 0 restart(s)"
-    assert "  last log: step 4/12 (33.3%), 8 img/s, eta 0:00:08" in lines[2]
+    assert "  last log: step 4/12 (33.3%), 8 img/s over the last 1 steps, eta 0:00:08" in lines[2]
     assert f"stage 2: sample samples in {tmp_path / 'samples'}; slurm job {UNKNOWN_JOB}1: finished" in out
 
 
