@@ -287,8 +287,10 @@ class SampleSection(ModelSource):
     @model_validator(mode="after")
     def _source(self):
         self._check_source("sampling")
-        if "use_ddim" in self.model_fields_set and not self.use_ddim and self.sampler == "ddim":
-            raise ValueError("use_ddim: false contradicts sampler: ddim; set one of them")
+        if self.sampler == "ddim" and not self.use_ddim:
+            if "use_ddim" in self.model_fields_set:
+                raise ValueError("use_ddim: false contradicts sampler: ddim; set one of them")
+            self.use_ddim = True  # the legacy field says what sampler says, so a dumped spec reads back the same
         return self
 
     @property
