@@ -23,7 +23,7 @@ from . import storage
 from .dist.env import RankEnv
 from .errors import UserError
 
-_SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
+_SHARD = re.compile(r"shard-([0-9]{8})-([0-9]{8})\.npz", re.ASCII)
 RANGE_MEMBER = "index_range"  # [start, end) of the indices a shard holds, written with its arrays
 # Deflate cannot expand data more than about 1032-fold: a zip member claiming more is lying about its size.
 MAX_DEFLATE_RATIO = 1032

@@ -125,7 +125,7 @@ def move(src, dst) -> None:
 # characters: each append uploads at most PART_SIZE + the row, whatever the log's length, and a log of N
 # characters is about N / PART_SIZE objects. Local files are appended to in place: one piece.
 PART_SIZE = 1 << 18
-_PART = re.compile(r"\.part(\d{6,})")
+_PART = re.compile(r"\.part([0-9]{6,})", re.ASCII)
 _filling: dict[str, tuple[str, str]] = {}  # appended file -> (its last piece, that piece's text), on blob stores
 
 

@@ -7,6 +7,7 @@ them validate, must survive ``dump_spec`` and ``load_spec`` unchanged.
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +15,7 @@ from conftest import TINY_MODEL
 
 from idiff.diffusion.ode_samplers import SPACINGS
 from idiff.diffusion.samplers import SAMPLERS
-from idiff.run_dir import OWNER_MARK, RunDir, claim_run_dir, check_run_dir
+from idiff.run_dir import OWNER_MARK, RunDir, check_run_dir, claim_run_dir
 from idiff.spec.load import SpecError, dump_spec, parse_spec
 
 ABSENT = object()  # the field is left out of the generated spec
@@ -93,7 +94,7 @@ def test_a_sample_run_dir_of_each_sampler_is_taken_again_on_resume(tmp_path, sam
     job = parse_spec(data)
     run_dir = claim_run_dir(job)
     assert RunDir(run_dir.path).saved_job().sample.sampler_name == sampler
-    assert open(run_dir.spec_file).read().startswith(OWNER_MARK)
+    assert Path(run_dir.spec_file).read_text().startswith(OWNER_MARK)
     check_run_dir(parse_spec(data))  # the requeued job's start: no SpecError
 
 
