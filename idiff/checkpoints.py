@@ -177,9 +177,9 @@ class CheckpointStore:
         """Temporary files of writes that a crash interrupted."""
         if storage.is_remote(self.folder) or not os.path.isdir(self.folder):
             return
-        for name in os.listdir(self.folder):
+        for name in storage.listdir(self.folder):
             if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(self.folder, name))
+                storage.remove(self.path(name))
 
     def prune(self, keep_last: int | None, keep_every: int | None) -> list[int]:
         """Delete old checkpoints: all but the newest ``keep_last`` complete, verified ones, except multiples of

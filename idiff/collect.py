@@ -109,6 +109,7 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
         output = str(output)
         grid = f"{output.removesuffix('.npz')}_grid.png"
     for path in (output, grid):
+        storage.refuse_links(path)
         if storage.exists(path) and not force:
             raise UserError(f"{path} exists; pass --force to replace it")
 

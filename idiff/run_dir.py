@@ -38,6 +38,7 @@ def utc_now() -> str:
 class RunDir:
     def __init__(self, path):
         self.path = str(path)
+        storage.confine(self.path)  # nothing inside is read or written through a link (storage.refuse_links)
 
     def __truediv__(self, name) -> str:
         return storage.join(self.path, name)

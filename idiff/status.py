@@ -80,7 +80,7 @@ def last_log_row(run_dir: RunDir) -> dict | None:
     if storage.is_remote(path):
         lines = storage.read_appended(path).splitlines()
     else:
-        with open(path, "rb") as f:
+        with storage.open_for_reading(path) as f:
             start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
             f.seek(start)
             lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import sys
 import uuid
 import warnings
 
@@ -25,16 +27,97 @@ def join(*parts) -> str:
 
 exists = bf.exists
 isdir = bf.isdir
-listdir = bf.listdir
-read_bytes = bf.read_bytes
-read_text = bf.read_text
+
+
+# ----------------------------------------------------------------------------- links inside run dirs
+# A run dir (and every other folder idiff writes a tree into) is registered here by ``confine``. Every local
+# path under a registered folder that idiff reads, writes, truncates, renames or deletes through this module is
+# checked first: no part of it below that folder may be a symbolic link (exit 2 naming it: the link may lead
+# anywhere, and the folder or file it names may be the user's), and a file changed in place (appended to,
+# truncated) that has other hard links is first replaced by a private copy, so the other names keep their
+# content. The folder itself may be a link: its path is the user's choice. See docs/security.md.
+_confined: set[str] = set()
+
+
+def confine(folder) -> None:
+    """Make ``folder`` a tree that idiff reads and writes without following links out of it."""
+    if not is_remote(folder):
+        _confined.add(os.path.abspath(str(folder)))
+
+
+def _confining_root(path: str) -> str | None:
+    roots = [r for r in _confined if path == r or path.startswith(r.rstrip(os.sep) + os.sep)]
+    return max(roots, key=len, default=None)
+
+
+def refuse_links(path) -> None:
+    """A UserError when a part of local ``path`` below its confined folder is a symbolic link."""
+    if is_remote(path):
+        return
+    path = os.path.abspath(str(path))
+    root = _confining_root(path)
+    if root is None:
+        return
+    current = root
+    for part in os.path.relpath(path, root).split(os.sep):
+        if part == ".":
+            continue
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            return  # what does not exist yet is made by idiff, as a plain folder or file
+        if stat.S_ISLNK(mode):
+            raise UserError(f"{current} is a symbolic link inside {root}: idiff neither reads nor writes through "
+                            f"links in a run dir (they may lead outside it); remove the link (or replace it by the "
+                            f"file or folder itself) and run again")
+
+
+def _unshare(path: str) -> None:
+    """Before changing local file ``path`` in place: when it has other hard links, give it a private copy,
+    so that the change does not reach them (they may be outside the run dir)."""
+    refuse_links(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        with open(path, "rb") as f:
+            data = f.read()
+        atomic_write_bytes(path, data)
+        print(f"idiff: {path} had {info.st_nlink - 1} other hard link(s); it is now a file of its own, and they "
+              f"keep their content", file=sys.stderr, flush=True)
+
+
+def listdir(path) -> list[str]:
+    refuse_links(path)
+    return bf.listdir(path)
+
+
+def read_bytes(path) -> bytes:
+    refuse_links(path)
+    return bf.read_bytes(path)
+
+
+def read_text(path) -> str:
+    refuse_links(path)
+    return bf.read_text(path)
+
+
+def open_for_reading(path):
+    """A binary file object of ``path``. Local files are opened plainly: blobfile gives them an 8 MB read
+    buffer, more than a shard of 64x64 samples."""
+    refuse_links(path)
+    return bf.BlobFile(str(path), "rb") if is_remote(path) else open(path, "rb")
 
 
 def makedirs(path) -> None:
+    refuse_links(path)
     bf.makedirs(str(path))
 
 
 def remove(path) -> None:
+    refuse_links(path)
     if bf.exists(path):
         bf.remove(path)
 
@@ -83,6 +166,7 @@ def atomic_write_bytes(path, data: bytes) -> dict:
     an object only when its upload finishes, which is already atomic.
     """
     path = str(path)
+    refuse_links(path)
     if is_remote(path):
         bf.write_bytes(path, data)
     else:
@@ -112,6 +196,8 @@ def atomic_write_text(path, text: str) -> dict:
 
 def move(src, dst) -> None:
     """Rename ``src`` to ``dst`` (replacing it); blob stores copy, then remove."""
+    refuse_links(src)
+    refuse_links(dst)
     if is_remote(src):
         bf.copy(str(src), str(dst), overwrite=True)
         bf.remove(str(src))
@@ -157,7 +243,9 @@ def append_text(path, text: str) -> None:
     the same blob-store file at once (their rewrites of the last piece would race)."""
     path = str(path)
     if not is_remote(path):
-        with open(path, "a") as f:
+        _unshare(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with open(fd, "a") as f:
             f.write(text)
         return
     if path not in _filling:  # this process's first append: continue the last piece (read once, bounded)
@@ -174,14 +262,14 @@ def append_text(path, text: str) -> None:
 
 def read_appended(path) -> str:
     """The text of a file written by ``append_text`` (all its pieces); empty when absent."""
-    return "".join(bf.read_text(piece) for piece in _pieces(path))
+    return "".join(read_text(piece) for piece in _pieces(path))
 
 
 def replace_first_line(path, line: str) -> None:
     """Replace the first line (a csv header) of a file written by ``append_text``, rewriting only the piece that
     holds it, in one atomic write: the whole file locally, at most PART_SIZE characters on a blob store."""
     piece = _pieces(path)[0]
-    text = bf.read_text(piece)
+    text = read_text(piece)
     end = text.find("\n")
     text = line + (text[end + 1:] if end >= 0 else "")
     atomic_write_text(piece, text)
@@ -192,6 +280,7 @@ def replace_first_line(path, line: str) -> None:
 def read_first_line(path) -> str:
     """The first line of a file written by ``append_text``; empty when absent."""
     for piece in _pieces(path):
+        refuse_links(piece)
         with bf.BlobFile(piece, "r") as f:
             line = f.readline()
         if line:
@@ -239,7 +328,8 @@ def drop_trailing_lines(path, keep) -> None:
         return
     if not os.path.exists(path):
         return
-    with open(path, "r+b") as f:
+    _unshare(path)
+    with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW), "r+b") as f:
         cut = f.seek(0, os.SEEK_END)  # everything from here on is removed
         buffer, buffer_start = b"", cut  # the bytes [buffer_start, cut)
         while cut > 0:
@@ -268,17 +358,19 @@ def torch_bytes(obj) -> bytes:
 
 def load_torch(path, map_location="cpu"):
     """Load a torch file as untrusted input: tensors and plain containers only."""
+    refuse_links(path)
     with bf.BlobFile(str(path), "rb") as f:
         return torch.load(f, map_location=map_location, weights_only=True)
 
 
 def file_size(path) -> int:
+    refuse_links(path)
     return bf.stat(str(path)).size
 
 
 def file_digest(path) -> dict:
     sha, size = hashlib.sha256(), 0
-    with bf.BlobFile(str(path), "rb") as f:
+    with open_for_reading(path) as f:
         while chunk := f.read(1 << 22):
             sha.update(chunk)
             size += len(chunk)
