@@ -23,12 +23,48 @@ import datetime
 import json
 import os
 import socket
+from typing import Annotated
+
+from pydantic import Field, with_config
+from typing_extensions import Required, TypedDict
 
 from . import storage
 from .errors import UserError, brief
 from .spec.load import SpecError, dump_spec, parse_spec, read_spec_data
 
 OWNER_MARK = "# idiff run dir: written by idiff when it took this folder for the job below\n"
+JobId = str | storage.Int64  # a Slurm job id (a number, or ARRAY_TASK text)
+
+
+@with_config(storage.LOG_RECORD)
+class ChainStage(TypedDict):
+    """A stage of a ``chain`` event of ``jobs.jsonl`` (launch.chain.chain_record)."""
+    stage: storage.Int64
+    kind: str
+    name: str
+    run_dir: Annotated[str, Field(pattern=r"^[^\x00]+$")]  # a path to open: not empty, no NUL
+    slurm_job_id: JobId | None
+
+
+@with_config(storage.LOG_RECORD)
+class HistoryEvent(TypedDict, total=False):
+    """A line of ``jobs.jsonl``: what its readers use, with the types they expect (other keys are kept)."""
+    event: Required[str]
+    time: Required[str]
+    host: str
+    kind: str
+    launcher: str | None
+    world_size: storage.Int64 | None
+    slurm_job_id: JobId | None
+    restart_count: storage.Int64 | None
+    status: str | None
+    signal: str | None
+    step: storage.Int64 | None
+    slurm_job_ids: Annotated[list[JobId], Field(min_length=1)]
+    stages: list[ChainStage]
+
+
+_is_history_event = storage.conforms(HistoryEvent)
 
 
 def utc_now() -> str:
@@ -110,8 +146,7 @@ class RunDir:
 
     def history(self) -> list[dict]:
         """The job history; torn or garbage lines are skipped with a warning."""
-        return storage.read_jsonl(self.history_file,
-                                  lambda e: isinstance(e.get("event"), str) and isinstance(e.get("time"), str))
+        return storage.read_jsonl(self.history_file, _is_history_event)
 
 
 def check_run_dir(spec, force_new: bool = False) -> None:

@@ -20,6 +20,7 @@ from .progress import format_duration
 from .run_dir import RunDir
 from .shards import scan_shards
 from .spec.load import SpecError
+from .train.metrics import is_log_row
 
 # sacct/squeue states in which a job will not run again
 FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -90,7 +91,7 @@ def last_log_row(run_dir: RunDir) -> dict | None:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and is_log_row(row):
             rows.append(row)
         else:
             bad += 1

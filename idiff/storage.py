@@ -10,9 +10,12 @@ import stat
 import sys
 import uuid
 import warnings
+from collections.abc import Callable
+from typing import Annotated
 
 import blobfile as bf
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import UserError
 
@@ -288,9 +291,30 @@ def read_first_line(path) -> str:
     return ""
 
 
+# The shape of a log record: a TypedDict with this config, whose fields use Int64 for integers. Strict: a field
+# of the wrong type (a bool or a string for an int, an int too large for a float) makes the record unreadable,
+# and other keys are kept as they are.
+LOG_RECORD = ConfigDict(strict=True, extra="allow")
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+def conforms(shape) -> Callable[[dict], bool]:
+    """``read_jsonl``'s ``is_valid`` for records of ``shape`` (a TypedDict configured with LOG_RECORD)."""
+    adapter = TypeAdapter(shape)
+
+    def is_valid(record: dict) -> bool:
+        try:
+            adapter.validate_python(record)
+        except ValidationError:
+            return False
+        return True
+    return is_valid
+
+
 def read_jsonl(path, is_valid) -> list[dict]:
-    """The records of a JSON-lines file that ``is_valid`` accepts; torn or garbage lines are skipped, with one
-    warning that counts them (a crash can leave half a line, and a run dir is untrusted input)."""
+    """The records of a JSON-lines file that ``is_valid`` accepts (see ``conforms``); torn lines, garbage, and
+    valid JSON of the wrong shape or types are skipped, with one warning that counts them (a crash can leave
+    half a line, and a run dir is untrusted input)."""
     records, bad = [], 0
     for line in read_appended(path).splitlines():
         if not line.strip():
