@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import uuid
@@ -160,6 +161,43 @@ def free_space(path) -> str:
     except OSError:
         return "unknown free space"
     return f"{free / 2**20:.1f} MiB free"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def partial_name(name: str) -> str:
+    """A hidden name beside ``name`` for its unfinished output, saying which host and process writes it:
+    ``.NAME.partial-HOST-PID-XXXXXXXX``. The next run of the command removes it when that process is gone."""
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_partials(folder, name) -> list[str]:
+    """Remove the partial outputs for ``name`` in local ``folder`` (``partial_name``) of processes of this host
+    that are gone (killed: SIGKILL, or a SIGTERM that ran no cleanup); returns their paths. Those of live
+    processes, and of other hosts (whose processes cannot be checked from here), are left alone."""
+    pattern = re.compile(re.escape(f".{name}.partial-{socket.gethostname()}-") + r"([0-9]+)-[0-9a-f]{8}", re.ASCII)
+    removed = []
+    for entry in (os.listdir(folder) if os.path.isdir(folder) else []):
+        match = pattern.fullmatch(entry)
+        if match and not pid_alive(int(match.group(1))):
+            path = os.path.join(folder, entry)
+            refuse_links(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            print(f"idiff: removed {path}, left by a killed run (process {match.group(1)})", file=sys.stderr)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path, data: bytes) -> dict:
