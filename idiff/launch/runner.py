@@ -4,7 +4,6 @@ import sys
 
 import torch.distributed as dist
 
-from .. import storage
 from ..dist.env import configure_threads, detect_rank_env, init_distributed, shutdown_distributed
 from ..dist.signals import PreemptionFlag
 from ..errors import EXIT_INTERRUPTED
@@ -34,10 +33,12 @@ class JobHooks:
 
     def __init__(self, spec, env, *, force_new=False, preemption: PreemptionFlag | None = None):
         self.spec, self.env, self.force_new, self.preemption = spec, env, force_new, preemption
+        self.lease = None  # rank 0's hold on the run dir, from begin() to the end of the job
 
     def begin(self) -> RunDir:
         if self.env.is_main:
-            run_dir = claim_run_dir(self.spec, self.force_new)
+            run_dir = claim_run_dir(self.spec, self.force_new, hold=True)
+            self.lease = run_dir.lease
             run_dir.record("start", kind=self.spec.kind, launcher=self.env.launcher, world_size=self.env.world_size,
                            slurm_job_id=self.env.slurm_job_id, restart_count=self.env.restart_count)
         if self.env.world_size > 1:
@@ -74,12 +75,14 @@ def run_job(spec, *, force_new: bool = False, preemption: PreemptionFlag | None 
     configure_threads(env)
     init_distributed(env)
     status = "failed"
+    hooks = hooks_class(spec)(spec, env, force_new=force_new, preemption=flag)
     try:
-        status = job_body(spec.kind)(spec, env, hooks_class(spec)(spec, env, force_new=force_new, preemption=flag))
+        status = job_body(spec.kind)(spec, env, hooks)
         return status
     finally:
-        if env.is_main and storage.exists(RunDir(spec.run_dir).spec_file):
+        if hooks.lease is not None:  # taken by begin(): this job wrote the run
             RunDir(spec.run_dir).record("end", status=status, signal=flag.received)
+            hooks.lease.release()
         if env.is_main and status == "preempted":
             print(f"idiff: stopped on {flag.received}; the run can be resumed: run the same command again "
                   f"(it continues in {spec.run_dir})", file=sys.stderr, flush=True)
