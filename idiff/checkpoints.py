@@ -21,8 +21,9 @@ import warnings
 from . import storage
 from .errors import RunFailed
 
-_MANIFEST = re.compile(r"^checkpoint(\d{6,})\.json$")
-_STEP_FILE = re.compile(r"^(?:model|opt|state|ema_[0-9.e-]+_)(\d{6,})\.pt$")
+# ASCII digits only, as idiff writes them (``\d`` would also match other scripts' digits, which int() reads).
+_MANIFEST = re.compile(r"checkpoint([0-9]{6,})\.json", re.ASCII)
+_STEP_FILE = re.compile(r"(?:model|opt|state|ema_[0-9.e-]+_)([0-9]{6,})\.pt", re.ASCII)
 
 # Test hook: "STEP:PREFIX" makes the writer SIGKILL its own process right after writing the file of
 # that step starting with PREFIX, i.e. in the middle of a checkpoint, as a node failure would.
@@ -41,14 +42,18 @@ def manifest_name(step: int) -> str:
 
 
 def step_of(filename: str) -> int | None:
-    """The step in a checkpoint file name such as model012000.pt or ema_0.9999_012000.pt."""
-    match = _STEP_FILE.fullmatch(os.path.basename(filename)) or _MANIFEST.fullmatch(os.path.basename(filename))
-    return int(match.group(1)) if match else None
+    """The step in a checkpoint file name such as model012000.pt or ema_0.9999_012000.pt; None unless the name
+    is exactly the one idiff gives that step (``model0000012.pt`` is not step 12's)."""
+    name = os.path.basename(filename)
+    match = _STEP_FILE.fullmatch(name) or _MANIFEST.fullmatch(name)
+    return int(match.group(1)) if match and match.group(1) == f"{int(match.group(1)):06d}" else None
 
 
 class CheckpointStore:
     def __init__(self, folder):
         self.folder = str(folder)
+        self._verified = set()  # steps whose every file this process wrote or hashed against the manifest
+        self._warned = set()  # manifest names already warned about
 
     def path(self, name) -> str:
         return storage.join(self.folder, name)
@@ -70,6 +75,7 @@ class CheckpointStore:
                 _maybe_die(step, name)
             manifest = {"step": step, "files": files, **meta}
             storage.atomic_write_text(self.manifest_path(step), json.dumps(manifest, indent=1))
+            self._verified.add(step)
         except OSError as err:
             for name in [*payloads, manifest_name(step)]:
                 with contextlib.suppress(OSError):
@@ -83,10 +89,24 @@ class CheckpointStore:
                             f"Free some space and run the job again: it resumes from there") from None
 
     def steps(self) -> list[int]:
-        """Steps that have a manifest (complete or not), ascending."""
+        """Steps that have a manifest (complete or not), ascending. A file named like a manifest but not exactly
+        as idiff names one (other digits than ASCII ones, a step with extra leading zeros) is not a step: it is
+        ignored, with one warning naming it."""
         if not storage.isdir(self.folder):
             return []
-        return sorted(int(m.group(1)) for name in storage.listdir(self.folder) if (m := _MANIFEST.fullmatch(name)))
+        steps = []
+        for name in storage.listdir(self.folder):
+            step = step_of(name) if name.endswith(".json") else None
+            if step is not None:
+                steps.append(step)
+            elif name.startswith("checkpoint") and name.endswith(".json"):
+                self._warn_once(name, "its name is not checkpoint<step>.json with the step in ASCII digits")
+        return sorted(steps)
+
+    def _warn_once(self, name: str, why: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(f"ignoring {self.path(name)}: {why}", stacklevel=3)
 
     def manifest(self, step: int) -> dict:
         return json.loads(storage.read_text(self.manifest_path(step)))
@@ -104,7 +124,7 @@ class CheckpointStore:
         except (OSError, ValueError) as err:
             return f"unreadable manifest ({err})"
         files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or manifest.get("step") != step:
+        if not isinstance(files, dict) or type(manifest.get("step")) is not int or manifest["step"] != step:
             return "not a checkpoint manifest of this step"
         foreign = next((name for name in files if storage.unsafe_name_reason(name) or not _STEP_FILE.fullmatch(name)
                         or step_of(name) != step), None)
@@ -124,7 +144,22 @@ class CheckpointStore:
                     return f"{name} does not have the size its manifest gives (truncated or corrupt)"
             elif storage.file_digest(path) != expected:
                 return f"{name} does not match its manifest (truncated or corrupt)"
+        if hashes:
+            self._verified.add(step)
         return None
+
+    def verified_steps(self) -> list[int]:
+        """The steps of complete checkpoints whose files match their manifests, ascending. Each is hashed once
+        per process (one this process wrote is known to match; later only its manifest and sizes are checked
+        again); an unusable one is left out, warned about once."""
+        verified = []
+        for step in self.steps():
+            problem = self.problem(step, hashes=step not in self._verified)
+            if problem is None:
+                verified.append(step)
+            else:
+                self._warn_once(manifest_name(step), f"not a usable checkpoint ({problem})")
+        return verified
 
     def latest_complete(self) -> int | None:
         """The newest usable checkpoint; incomplete or corrupt ones are skipped with a warning naming them."""
@@ -142,25 +177,29 @@ class CheckpointStore:
         """Temporary files of writes that a crash interrupted."""
         if storage.is_remote(self.folder) or not os.path.isdir(self.folder):
             return
-        for name in os.listdir(self.folder):
+        for name in storage.listdir(self.folder):
             if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(self.folder, name))
+                storage.remove(self.path(name))
 
     def prune(self, keep_last: int | None, keep_every: int | None) -> list[int]:
-        """Delete old checkpoints: all but the newest ``keep_last``, except multiples of ``keep_every``.
+        """Delete old checkpoints: all but the newest ``keep_last`` complete, verified ones, except multiples of
+        ``keep_every``.
 
-        The files deleted are the ones of this folder whose names carry a doomed step (model, opt, state,
-        ema_*); manifests are not read, so no manifest can make pruning delete anything else.
+        Only evidence counts: a checkpoint is kept or doomed by its verified step, and an unusable manifest
+        (a partial copy, ``checkpoint999999.json``) neither counts as one of the newest nor is deleted. The
+        files deleted are the ones of this folder whose names are exactly idiff's for a doomed step (model,
+        opt, state, ema_*), so no manifest can make pruning delete anything else.
         """
         if not keep_last:
             return []
-        steps = self.steps()
+        steps = self.verified_steps()
         doomed = [s for s in steps[:-keep_last] if not (keep_every and s % keep_every == 0)]
         if not doomed:
             return []
         names = list(storage.listdir(self.folder))
         for step in doomed:
             storage.remove(self.manifest_path(step))  # first, so a half-pruned checkpoint never counts
+            self._verified.discard(step)
             for name in names:
                 if _STEP_FILE.fullmatch(name) and step_of(name) == step:
                     storage.remove(self.path(name))

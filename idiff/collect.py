@@ -12,7 +12,6 @@ import argparse
 import os
 import sys
 import tempfile
-import uuid
 import zipfile
 
 import blobfile as bf
@@ -30,8 +29,9 @@ PREVIEW_IMAGES = 64
 _MEMBER_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def _check_ranges(shards: list[Shard], allow_partial: bool) -> list[tuple[int, int]]:
-    """Refuse empty, reversed or overlapping ranges; the missing ones are an error unless ``allow_partial``."""
+def _check_ranges(shards: list[Shard], allow_partial: bool, expected: int | None) -> list[tuple[int, int]]:
+    """Refuse empty, reversed or overlapping ranges; the missing ones (up to ``expected`` images, when known)
+    are an error unless ``allow_partial``."""
     gaps, cursor, previous = [], 0, None
     for shard in shards:
         if shard.end <= shard.start:
@@ -42,10 +42,22 @@ def _check_ranges(shards: list[Shard], allow_partial: bool) -> list[tuple[int, i
         if shard.start > cursor:
             gaps.append((cursor, shard.start))
         cursor, previous = shard.end, shard
+    if expected is not None and cursor < expected:
+        gaps.append((cursor, expected))
     if gaps and not allow_partial:
-        raise UserError(f"missing sample indices {_ranges(gaps)}; run the sample job again to fill them, "
-                        f"or pass --allow-partial")
+        of = f" of the {expected} that the spec asks for" if expected is not None else ""
+        raise UserError(f"missing sample indices {_ranges(gaps)}{of}; let the sample job finish, or run it again "
+                        f"to fill them, or pass --partial for an output of the images there are")
     return gaps
+
+
+def _expected_count(source: str) -> int | None:
+    """The ``num_samples`` of the sample job whose run dir ``source`` is; None for a folder of shards."""
+    run = RunDir(source)
+    if not run.is_owned():
+        return None
+    job = run.saved_job()
+    return job.sample.num_samples if job.kind == "sample" else None
 
 
 def _ranges(ranges, most=10) -> str:
@@ -99,7 +111,7 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
     shards = scan_shards(folder)
     if not shards:
         raise UserError(f"{folder}: no sample shards (shard-XXXXXXXX-YYYYYYYY.npz)")
-    gaps = _check_ranges(shards, allow_partial)
+    gaps = _check_ranges(shards, allow_partial, _expected_count(source))
     image_shape, has_labels = _check_headers(shards)
     count = sum(s.end - s.start for s in shards)
     if output is None:
@@ -109,14 +121,17 @@ def collect(source, output=None, *, output_dir=None, force=False, allow_partial=
         output = str(output)
         grid = f"{output.removesuffix('.npz')}_grid.png"
     for path in (output, grid):
+        storage.refuse_links(path)
         if storage.exists(path) and not force:
             raise UserError(f"{path} exists; pass --force to replace it")
 
     remote = storage.is_remote(output)
     folder_out = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(output))
-    # Beside the output (one file system, so the rename is atomic), hidden, and with the umask's permissions.
-    tmp = os.path.join(folder_out, f".{os.path.basename(output)}.{uuid.uuid4().hex[:8]}.tmp")
+    # Beside the output (one file system, so the rename is atomic), hidden, and with the umask's permissions;
+    # what a killed collect of the same output left there is removed first.
     os.makedirs(folder_out, exist_ok=True)
+    storage.remove_stale_partials(folder_out, os.path.basename(output))
+    tmp = os.path.join(folder_out, storage.partial_name(os.path.basename(output)))
     try:
         with open(tmp, "xb") as f:
             preview = _write_npz(f, shards, count, image_shape, has_labels)
@@ -181,7 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("source", help="a sample run dir, or a folder of shard-*.npz files")
     parser.add_argument("-o", "--output", help="output .npz (default: samples_NxHxWx3.npz in SOURCE)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
-    parser.add_argument("--allow-partial", action="store_true", help="merge even if index ranges are missing")
+    parser.add_argument("--partial", "--allow-partial", dest="allow_partial", action="store_true",
+                        help="merge the shards there are, even if sample indices are missing; the default output "
+                             "name says how many images it holds")
     args = parser.parse_args(argv)
     try:
         path = collect(args.source, args.output, force=args.force, allow_partial=args.allow_partial)

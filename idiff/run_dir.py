@@ -13,6 +13,7 @@
 | ``classes.json`` | train, sample | class names, in label order |
 | ``samples/``, ``samples_NxHxWx3.npz``, ``grid.png`` | sample | shards, what idiff-collect merges them into, a grid |
 | ``eval/``, ``metrics.json`` | evaluate | NLL parts and terms, and the results |
+| ``lease.json`` | every job, while it runs | who writes the run dir now (idiff.lease) |
 
 idiff writes only into a folder that is absent or empty, or that it marked as its own: the first line
 of the ``spec.yaml`` it writes when it takes the folder is ``OWNER_MARK``. A folder of the user's own
@@ -24,13 +25,49 @@ import json
 import os
 import socket
 import sys
+from typing import Annotated
 
-from . import storage
+from pydantic import Field, with_config
+from typing_extensions import Required, TypedDict
+
+from . import lease, storage
 from .errors import UserError, brief
 from .jobspec.load import SpecError, dump_spec, parse_spec, read_spec_data
 
 CHAIN_EVENT = "chain"  # the jobs.jsonl event that lists a chain's stages (idiff-submit A B C)
 OWNER_MARK = "# idiff run dir: written by idiff when it took this folder for the job below\n"
+JobId = str | storage.Int64  # a Slurm job id (a number, or ARRAY_TASK text)
+
+
+@with_config(storage.LOG_RECORD)
+class ChainStage(TypedDict):
+    """A stage of a ``chain`` event of ``jobs.jsonl`` (launch.chain.chain_record)."""
+    stage: storage.Int64
+    kind: str
+    name: str
+    run_dir: Annotated[str, Field(pattern=r"^[^\x00]+$")]  # a path to open: not empty, no NUL
+    slurm_job_id: JobId | None
+
+
+@with_config(storage.LOG_RECORD)
+class HistoryEvent(TypedDict, total=False):
+    """A line of ``jobs.jsonl``: what its readers use, with the types they expect (other keys are kept)."""
+    event: Required[str]
+    time: Required[str]
+    host: str
+    kind: str
+    launcher: str | None
+    world_size: storage.Int64 | None
+    slurm_job_id: JobId | None
+    restart_count: storage.Int64 | None
+    status: str | None
+    signal: str | None
+    step: storage.Int64 | None
+    slurm_job_ids: Annotated[list[JobId], Field(min_length=1)]
+    stages: list[ChainStage]
+
+
+_is_history_event = storage.conforms(HistoryEvent)
 
 
 def utc_now() -> str:
@@ -40,6 +77,8 @@ def utc_now() -> str:
 class RunDir:
     def __init__(self, path):
         self.path = str(path)
+        storage.confine(self.path)  # nothing inside is read or written through a link (storage.refuse_links)
+        self.lease = None  # the lease.Lease of the job writing it, in that job (claim_run_dir)
 
     def __truediv__(self, name) -> str:
         return storage.join(self.path, name)
@@ -106,10 +145,11 @@ class RunDir:
         return storage.read_bytes(self.spec_file).startswith(OWNER_MARK.encode()) or storage.exists(self.history_file)
 
     def contents(self) -> list[str]:
-        """What the folder holds (idiff's leftover temporary files aside); empty when absent."""
+        """What the folder holds (idiff's leftover temporary files and a lease aside); empty when absent."""
         if not storage.isdir(self.path):
             return []
-        return sorted(name for name in storage.listdir(self.path) if not storage.TEMPORARY.fullmatch(name))
+        return sorted(name for name in storage.listdir(self.path)
+                      if not storage.TEMPORARY.fullmatch(name) and not name.lstrip(".").startswith(lease.LEASE_NAME))
 
     def write_spec(self, text: str) -> None:
         storage.atomic_write_text(self.spec_file, OWNER_MARK + text)
@@ -121,8 +161,7 @@ class RunDir:
 
     def history(self) -> list[dict]:
         """The job history; torn or garbage lines are skipped with a warning."""
-        return storage.read_jsonl(self.history_file,
-                                  lambda e: isinstance(e.get("event"), str) and isinstance(e.get("time"), str))
+        return storage.read_jsonl(self.history_file, _is_history_event)
 
 
 def check_run_dir(spec, force_new: bool = False) -> None:
@@ -163,15 +202,18 @@ def check_run_dir(spec, force_new: bool = False) -> None:
         )
 
 
-def claim_run_dir(spec, force_new: bool = False) -> RunDir:
+def claim_run_dir(spec, force_new: bool = False, hold: bool = False) -> RunDir:
     """Take the run dir for ``spec`` (rank 0, or idiff-submit before the job exists): mark it as this run's,
-    moving a previous run aside with ``force_new``."""
+    moving a previous run aside with ``force_new``. ``hold``: the job that writes it takes its lease
+    (``run_dir.lease``); without, nothing may be writing it or be queued to (a submission)."""
     check_run_dir(spec, force_new)
     run_dir = RunDir(spec.run_dir)
+    refuse_other_writers(run_dir, waiting_too=not hold)
     if force_new and run_dir.is_owned():
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         os.rename(run_dir.path, f"{run_dir.path.rstrip('/')}.replaced-{stamp}")
     storage.makedirs(run_dir.path)
+    run_dir.lease = lease.take_lease(run_dir.path) if hold else None
     ends = run_dir.changed_end(spec)
     run_dir.write_spec(dump_spec(spec))
     if ends:
@@ -180,6 +222,23 @@ def claim_run_dir(spec, force_new: bool = False) -> RunDir:
               f"{', '.join(f'{key}={new} (was {old})' for key, (old, new) in ends.items())}; it continues from its "
               f"newest checkpoint as if it had been asked for this from the start", file=sys.stderr, flush=True)
     return run_dir
+
+
+def refuse_other_writers(run_dir: RunDir, waiting_too: bool) -> None:
+    """UserError (exit 2) naming the job that holds ``run_dir``'s live lease; with ``waiting_too`` also one whose
+    Slurm job recorded in jobs.jsonl is still queued or running (it will write the run dir)."""
+    holder = lease.holder_of(run_dir.path)
+    if holder is not None:
+        raise UserError(f"{run_dir.path} is being written by {lease.describe(holder)}: one job at a time writes a "
+                        f"run dir; wait for it to end, or stop it (scancel) first")
+    if not waiting_too or not storage.exists(run_dir.history_file):
+        return
+    jobs = dict.fromkeys(str(e["slurm_job_id"]) for e in run_dir.history()
+                         if e["event"] in ("submit", "start") and e.get("slurm_job_id"))
+    for job_id in jobs:
+        if job_id != lease.this_job() and lease.slurm_job_active(job_id):
+            raise UserError(f"{run_dir.path}: its Slurm job {job_id} is still queued or running; a second job would "
+                            f"write the same run dir: wait for it to end, or scancel {job_id} first")
 
 
 def _differences(a, b, prefix="") -> list[str]:

@@ -15,7 +15,6 @@ import sys
 import zipfile
 from dataclasses import dataclass
 
-import blobfile as bf
 import numpy as np
 import torch.distributed as dist
 
@@ -23,7 +22,7 @@ from . import storage
 from .errors import UserError
 from .ranks.env import RankEnv
 
-_SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
+_SHARD = re.compile(r"shard-([0-9]{8})-([0-9]{8})\.npz", re.ASCII)
 RANGE_MEMBER = "index_range"  # [start, end) of the indices a shard holds, written with its arrays
 # Deflate cannot expand data more than about 1032-fold: a zip member claiming more is lying about its size.
 MAX_DEFLATE_RATIO = 1032
@@ -62,11 +61,6 @@ def _unreadable(path, err) -> UserError:
     return UserError(f"{path}: not a readable .npz, corrupt or truncated ({type(err).__name__}: {err})")
 
 
-def _open_for_reading(path):
-    # blobfile gives local files an 8 MB read buffer, more than a shard of 64x64 samples; remote ones need it.
-    return bf.BlobFile(path, "rb") if storage.is_remote(path) else open(path, "rb")
-
-
 def read_npz(path, names=None) -> dict[str, np.ndarray]:
     """The arrays of an .npz (only ``names``, when given); a damaged file is a UserError naming it.
 
@@ -74,7 +68,7 @@ def read_npz(path, names=None) -> dict[str, np.ndarray]:
     """
     npz_headers(path)
     try:
-        with _open_for_reading(str(path)) as f:
+        with storage.open_for_reading(str(path)) as f:
             data = np.load(f)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("a single array (.npy), not an .npz archive")
@@ -92,7 +86,7 @@ def npz_headers(path) -> dict[str, ArrayHeader]:
     """
     headers = {}
     try:
-        with _open_for_reading(str(path)) as f:
+        with storage.open_for_reading(str(path)) as f:
             archive_size = f.seek(0, os.SEEK_END)
             with zipfile.ZipFile(f) as archive:
                 for info in archive.infolist():

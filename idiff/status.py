@@ -19,6 +19,7 @@ from .jobspec.load import SpecError
 from .progress import format_duration
 from .run_dir import CHAIN_EVENT, RunDir
 from .shards import scan_shards
+from .train.training_log import is_log_row
 
 # sacct/squeue states in which a job will not run again
 FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -79,7 +80,7 @@ def last_log_row(run_dir: RunDir) -> dict | None:
     if storage.is_remote(path):
         lines = storage.read_appended(path).splitlines()
     else:
-        with open(path, "rb") as f:
+        with storage.open_for_reading(path) as f:
             start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
             f.seek(start)
             lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line
@@ -89,7 +90,7 @@ def last_log_row(run_dir: RunDir) -> dict | None:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and is_log_row(row):
             rows.append(row)
         else:
             bad += 1

@@ -7,11 +7,17 @@ import json
 import os
 import re
 import shutil
+import socket
+import stat
+import sys
 import uuid
 import warnings
+from collections.abc import Callable
+from typing import Annotated
 
 import blobfile as bf
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import UserError
 
@@ -26,16 +32,97 @@ def join(*parts) -> str:
 
 exists = bf.exists
 isdir = bf.isdir
-listdir = bf.listdir
-read_bytes = bf.read_bytes
-read_text = bf.read_text
+
+
+# ----------------------------------------------------------------------------- links inside run dirs
+# A run dir (and every other folder idiff writes a tree into) is registered here by ``confine``. Every local
+# path under a registered folder that idiff reads, writes, truncates, renames or deletes through this module is
+# checked first: no part of it below that folder may be a symbolic link (exit 2 naming it: the link may lead
+# anywhere, and the folder or file it names may be the user's), and a file changed in place (appended to,
+# truncated) that has other hard links is first replaced by a private copy, so the other names keep their
+# content. The folder itself may be a link: its path is the user's choice. See docs/security.md.
+_confined: set[str] = set()
+
+
+def confine(folder) -> None:
+    """Make ``folder`` a tree that idiff reads and writes without following links out of it."""
+    if not is_remote(folder):
+        _confined.add(os.path.abspath(str(folder)))
+
+
+def _confining_root(path: str) -> str | None:
+    roots = [r for r in _confined if path == r or path.startswith(r.rstrip(os.sep) + os.sep)]
+    return max(roots, key=len, default=None)
+
+
+def refuse_links(path) -> None:
+    """A UserError when a part of local ``path`` below its confined folder is a symbolic link."""
+    if is_remote(path):
+        return
+    path = os.path.abspath(str(path))
+    root = _confining_root(path)
+    if root is None:
+        return
+    current = root
+    for part in os.path.relpath(path, root).split(os.sep):
+        if part == ".":
+            continue
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            return  # what does not exist yet is made by idiff, as a plain folder or file
+        if stat.S_ISLNK(mode):
+            raise UserError(f"{current} is a symbolic link inside {root}: idiff neither reads nor writes through "
+                            f"links in a run dir (they may lead outside it); remove the link (or replace it by the "
+                            f"file or folder itself) and run again")
+
+
+def _unshare(path: str) -> None:
+    """Before changing local file ``path`` in place: when it has other hard links, give it a private copy,
+    so that the change does not reach them (they may be outside the run dir)."""
+    refuse_links(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        with open(path, "rb") as f:
+            data = f.read()
+        atomic_write_bytes(path, data)
+        print(f"idiff: {path} had {info.st_nlink - 1} other hard link(s); it is now a file of its own, and they "
+              f"keep their content", file=sys.stderr, flush=True)
+
+
+def listdir(path) -> list[str]:
+    refuse_links(path)
+    return bf.listdir(path)
+
+
+def read_bytes(path) -> bytes:
+    refuse_links(path)
+    return bf.read_bytes(path)
+
+
+def read_text(path) -> str:
+    refuse_links(path)
+    return bf.read_text(path)
+
+
+def open_for_reading(path):
+    """A binary file object of ``path``. Local files are opened plainly: blobfile gives them an 8 MB read
+    buffer, more than a shard of 64x64 samples."""
+    refuse_links(path)
+    return bf.BlobFile(str(path), "rb") if is_remote(path) else open(path, "rb")
 
 
 def makedirs(path) -> None:
+    refuse_links(path)
     bf.makedirs(str(path))
 
 
 def remove(path) -> None:
+    refuse_links(path)
     if bf.exists(path):
         bf.remove(path)
 
@@ -77,6 +164,43 @@ def free_space(path) -> str:
     return f"{free / 2**20:.1f} MiB free"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def partial_name(name: str) -> str:
+    """A hidden name beside ``name`` for its unfinished output, saying which host and process writes it:
+    ``.NAME.partial-HOST-PID-XXXXXXXX``. The next run of the command removes it when that process is gone."""
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_partials(folder, name) -> list[str]:
+    """Remove the partial outputs for ``name`` in local ``folder`` (``partial_name``) of processes of this host
+    that are gone (killed: SIGKILL, or a SIGTERM that ran no cleanup); returns their paths. Those of live
+    processes, and of other hosts (whose processes cannot be checked from here), are left alone."""
+    pattern = re.compile(re.escape(f".{name}.partial-{socket.gethostname()}-") + r"([0-9]+)-[0-9a-f]{8}", re.ASCII)
+    removed = []
+    for entry in (os.listdir(folder) if os.path.isdir(folder) else []):
+        match = pattern.fullmatch(entry)
+        if match and not pid_alive(int(match.group(1))):
+            path = os.path.join(folder, entry)
+            refuse_links(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            print(f"idiff: removed {path}, left by a killed run (process {match.group(1)})", file=sys.stderr)
+            removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(path, data: bytes) -> dict:
     """Write ``data`` so that ``path`` holds either nothing new or all of it; returns size and sha256.
 
@@ -84,6 +208,7 @@ def atomic_write_bytes(path, data: bytes) -> dict:
     an object only when its upload finishes, which is already atomic.
     """
     path = str(path)
+    refuse_links(path)
     if is_remote(path):
         bf.write_bytes(path, data)
     else:
@@ -121,6 +246,8 @@ def atomic_write_text(path, text: str) -> dict:
 
 def move(src, dst) -> None:
     """Rename ``src`` to ``dst`` (replacing it); blob stores copy, then remove."""
+    refuse_links(src)
+    refuse_links(dst)
     if is_remote(src):
         bf.copy(str(src), str(dst), overwrite=True)
         bf.remove(str(src))
@@ -134,7 +261,7 @@ def move(src, dst) -> None:
 # characters: each append uploads at most PART_SIZE + the row, whatever the log's length, and a log of N
 # characters is about N / PART_SIZE objects. Local files are appended to in place: one piece.
 PART_SIZE = 1 << 18
-_PART = re.compile(r"\.part(\d{6,})")
+_PART = re.compile(r"\.part([0-9]{6,})", re.ASCII)
 _filling: dict[str, tuple[str, str]] = {}  # appended file -> (its last piece, that piece's text), on blob stores
 
 
@@ -166,7 +293,9 @@ def append_text(path, text: str) -> None:
     the same blob-store file at once (their rewrites of the last piece would race)."""
     path = str(path)
     if not is_remote(path):
-        with open(path, "a") as f:
+        _unshare(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with open(fd, "a") as f:
             f.write(text)
         return
     if path not in _filling:  # this process's first append: continue the last piece (read once, bounded)
@@ -183,14 +312,14 @@ def append_text(path, text: str) -> None:
 
 def read_appended(path) -> str:
     """The text of a file written by ``append_text`` (all its pieces); empty when absent."""
-    return "".join(bf.read_text(piece) for piece in _pieces(path))
+    return "".join(read_text(piece) for piece in _pieces(path))
 
 
 def replace_first_line(path, line: str) -> None:
     """Replace the first line (a csv header) of a file written by ``append_text``, rewriting only the piece that
     holds it, in one atomic write: the whole file locally, at most PART_SIZE characters on a blob store."""
     piece = _pieces(path)[0]
-    text = bf.read_text(piece)
+    text = read_text(piece)
     end = text.find("\n")
     text = line + (text[end + 1:] if end >= 0 else "")
     atomic_write_text(piece, text)
@@ -201,6 +330,7 @@ def replace_first_line(path, line: str) -> None:
 def read_first_line(path) -> str:
     """The first line of a file written by ``append_text``; empty when absent."""
     for piece in _pieces(path):
+        refuse_links(piece)
         with bf.BlobFile(piece, "r") as f:
             line = f.readline()
         if line:
@@ -208,9 +338,30 @@ def read_first_line(path) -> str:
     return ""
 
 
+# The shape of a log record: a TypedDict with this config, whose fields use Int64 for integers. Strict: a field
+# of the wrong type (a bool or a string for an int, an int too large for a float) makes the record unreadable,
+# and other keys are kept as they are.
+LOG_RECORD = ConfigDict(strict=True, extra="allow")
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+def conforms(shape) -> Callable[[dict], bool]:
+    """``read_jsonl``'s ``is_valid`` for records of ``shape`` (a TypedDict configured with LOG_RECORD)."""
+    adapter = TypeAdapter(shape)
+
+    def is_valid(record: dict) -> bool:
+        try:
+            adapter.validate_python(record)
+        except ValidationError:
+            return False
+        return True
+    return is_valid
+
+
 def read_jsonl(path, is_valid) -> list[dict]:
-    """The records of a JSON-lines file that ``is_valid`` accepts; torn or garbage lines are skipped, with one
-    warning that counts them (a crash can leave half a line, and a run dir is untrusted input)."""
+    """The records of a JSON-lines file that ``is_valid`` accepts (see ``conforms``); torn lines, garbage, and
+    valid JSON of the wrong shape or types are skipped, with one warning that counts them (a crash can leave
+    half a line, and a run dir is untrusted input)."""
     records, bad = [], 0
     for line in read_appended(path).splitlines():
         if not line.strip():
@@ -248,7 +399,8 @@ def drop_trailing_lines(path, keep) -> None:
         return
     if not os.path.exists(path):
         return
-    with open(path, "r+b") as f:
+    _unshare(path)
+    with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW), "r+b") as f:
         cut = f.seek(0, os.SEEK_END)  # everything from here on is removed
         buffer, buffer_start = b"", cut  # the bytes [buffer_start, cut)
         while cut > 0:
@@ -277,17 +429,19 @@ def torch_bytes(obj) -> bytes:
 
 def load_torch(path, map_location="cpu"):
     """Load a torch file as untrusted input: tensors and plain containers only."""
+    refuse_links(path)
     with bf.BlobFile(str(path), "rb") as f:
         return torch.load(f, map_location=map_location, weights_only=True)
 
 
 def file_size(path) -> int:
+    refuse_links(path)
     return bf.stat(str(path)).size
 
 
 def file_digest(path) -> dict:
     sha, size = hashlib.sha256(), 0
-    with bf.BlobFile(str(path), "rb") as f:
+    with open_for_reading(path) as f:
         while chunk := f.read(1 << 22):
             sha.update(chunk)
             size += len(chunk)

@@ -76,6 +76,10 @@ def test_from_run_must_be_a_training_stage(capsys, chain):
 def test_two_stages_in_one_run_dir_are_refused(capsys, chain):
     chain["sample"]["run_dir"] = chain["train"]["run_dir"]
     refused(capsys, idiff_main, ["validate", "--chain", *paths(chain, "train", "sample")],
+            "sample.from_run", "lies in this job's own run_dir", "choose another run_dir")
+    second = {**chain["train"], "name": "again"}
+    chain["again"] = second
+    refused(capsys, idiff_main, ["validate", "--chain", *paths(chain, "train", "again")],
             "stage 2", "is also the run dir of stage 1")
 
 

@@ -47,9 +47,11 @@ def test_pruning_deletes_only_the_files_it_names_from_step_numbers(tmp_path):
     manifest["files"].update({"../spec.yaml": {}, str(victims[0]): {}})
     Path(store.manifest_path(2)).write_text(json.dumps(manifest))
 
-    assert store.prune(keep_last=1, keep_every=None) == [2, 4]
+    with pytest.warns(UserWarning, match="checkpoint000002.json: not a usable checkpoint"):
+        assert store.prune(keep_last=1, keep_every=None) == [4]  # 2 is unusable: pruning neither counts nor reads it
     assert all(victim.read_text() == "not idiff's to delete" for victim in victims)
-    assert listing(store.folder) == sorted([*checkpoint_files(6, [0.9]).values(), "checkpoint000006.json"])
+    assert listing(store.folder) == sorted([*checkpoint_files(2, [0.9]).values(), "checkpoint000002.json",
+                                            *checkpoint_files(6, [0.9]).values(), "checkpoint000006.json"])
 
 
 def test_a_manifest_naming_a_file_outside_its_folder_makes_the_checkpoint_unusable(tmp_path):
@@ -79,7 +81,30 @@ def test_a_bad_manifest_only_makes_its_checkpoint_unusable(tmp_path, case):
     assert store.problem(8)
     with pytest.warns(UserWarning, match="checkpoint000008.json"):
         assert store.latest_complete() == 4
-    assert store.prune(keep_last=1, keep_every=None) == [4]
+    assert store.prune(keep_last=1, keep_every=None) == []  # the unusable one does not count as the newest
+    assert "model000004.pt" in listing(store.folder)
+
+
+@pytest.mark.parametrize("stray", ["checkpoint999999.json", "checkpoint\u0669\u0669\u0669\u0669\u0669\u0669.json",
+                                   "checkpoint0000010.json"])
+def test_pruning_counts_only_verified_checkpoints_never_a_strays_name(tmp_path, stray):
+    """A partial copy's unusable manifest, one named with non-ASCII digits, or with a step's digits padded other
+    than idiff pads them, is ignored with a warning: keep_last keeps the real newest checkpoints."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / stray).write_text('{"step": 999999, "fi')
+    with pytest.warns(UserWarning, match=f"ignoring .*{stray}"):
+        for step in (2, 4, 6):
+            store.write(step, payloads(step), {})
+            store.prune(keep_last=2, keep_every=None)
+    assert listing(store.folder) == sorted([*checkpoint_files(4, [0.9]).values(), "checkpoint000004.json",
+                                            *checkpoint_files(6, [0.9]).values(), "checkpoint000006.json", stray])
+    fresh = CheckpointStore(store.folder)  # a resumed process hashes what it did not write
+    with pytest.warns(UserWarning, match=f"ignoring .*{stray}"):
+        assert fresh.verified_steps() == [4, 6]
+    Path(store.path("model000006.pt")).write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="checkpoint000006.json: not a usable checkpoint"):
+        assert fresh.prune(keep_last=1, keep_every=None) == []  # 6 no longer counts: 4 is the newest complete one
 
 
 # ------------------------------------------------------------------------------------------- full disks

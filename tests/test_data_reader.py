@@ -1,7 +1,10 @@
 """The reader: which files, which labels, which pixels (as the original computes them), which errors."""
 
 import logging
+import os
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +171,42 @@ def test_fingerprint_follows_relative_names_not_location(tree, tmp_path):
     assert ImageDataset(str(moved), 8).fingerprint == ImageDataset(str(tree), 8).fingerprint
     save(noise(8, 8), moved / "z_9.png")
     assert ImageDataset(str(moved), 8).fingerprint != ImageDataset(str(tree), 8).fingerprint
+
+
+@pytest.fixture
+def with_special_files(tmp_path):
+    """Two images, and a FIFO, a socket and a FIFO in a subfolder, each named like an image."""
+    for i in range(2):
+        save(noise(16, 16, seed=i), tmp_path / f"good_{i}.png")
+    os.mkfifo(tmp_path / "pipe_0.png")
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "sub" / "pipe_1.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock_0.gif"))
+    return tmp_path
+
+
+def test_fifos_sockets_and_devices_are_skipped_at_listing_naming_them(with_special_files, caplog):
+    with caplog.at_level(logging.WARNING):
+        ds = ImageDataset(str(with_special_files), 8)
+    assert [p.rsplit("/", 1)[1] for p in ds.files] == ["good_0.png", "good_1.png"]
+    assert "skipped 3 image name(s)" in caplog.text and "not regular files" in caplog.text
+    for name in ["pipe_0.png", "sub/pipe_1.jpg", "sock_0.gif"]:
+        assert str(with_special_files / name) in caplog.text
+    assert all(ds.read(i).image.shape == (3, 8, 8) for i in range(len(ds)))
+
+
+def test_reading_a_fifo_fails_at_once_instead_of_blocking(with_special_files):
+    """A file that became a FIFO after the listing: the read is refused, it does not wait for a writer."""
+    ds = ImageDataset(str(with_special_files), 8)
+    pipe = str(with_special_files / "pipe_0.png")
+    ds.files[0] = pipe
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(DataError, ds.read, 0)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # on a blocking open: let the read end, then fail
+        with open(pipe, "wb"):
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert f"cannot read image {pipe}" in str(outcome[0].value) and "not a regular file" in str(outcome[0].value)

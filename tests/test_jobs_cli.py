@@ -209,7 +209,7 @@ def test_the_originals_invocation_trains_into_openai_logdir(tmp_path, shapes_dir
     logdir = tmp_path / "logdir"
     idiff_in_process(
         "train", "--data_dir", shapes_dir, "--image_size", 16, "--num_channels", 32, "--num_res_blocks", 1,
-        "--channel_mult", "1,2", "--attention_resolutions", 8, "--learn_sigma", "True", "--diffusion_steps", 20,
+        "--channel_mult", "1,2", "--attention_resolutions", 8, "--learn_sigma", "True", "--diffusion_steps", 40,
         "--batch_size", 4, "--max_steps", 2, "--save_interval", 2, "--sample_grid", 0, "--num_workers", 0,
         env={"OPENAI_LOGDIR": str(logdir)})
     assert (logdir / "checkpoints" / "checkpoint000002.json").exists()

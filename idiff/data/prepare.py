@@ -2,8 +2,9 @@
 
 Every command writes into a hidden staging folder beside ``out`` and renames it to ``out`` only when
 all files are written, so ``out`` is either absent or complete: an interrupted run leaves at most a
-``.NAME.partial-*`` folder (removed on errors and Ctrl-C; only a killed process leaves one behind),
-and a rerun starts from scratch. An existing non-empty ``out`` is refused.
+``.NAME.partial-HOST-PID-*`` folder (removed on errors and Ctrl-C; a killed process leaves one behind,
+which the next run for the same ``out`` removes), and a rerun starts from scratch. An existing non-empty
+``out`` is refused.
 
 CIFAR-10, LSUN and ImageNet are also sources for ``pack.pack`` (``--packed``): the same names, in the
 order the reader lists the folder they would make, and the same images, so a direct pack equals a pack
@@ -18,14 +19,13 @@ import os
 import pickle
 import shutil
 import tarfile
-import uuid
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..rng import Stream, derive_seed
-from ..storage import checked_name, is_remote
+from ..storage import checked_name, is_remote, partial_name, remove_stale_partials
 from .reader import DECODE_ERRORS, DataError, center_crop, decode, is_image_name
 
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -42,7 +42,8 @@ def staged_output(out: str):
         raise DataError(f"output {out} already exists and is not an empty folder: choose another --out or remove it")
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_partials(parent, name)
+    staging = os.path.join(parent, partial_name(name))
     os.mkdir(staging)
     try:
         yield staging

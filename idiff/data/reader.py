@@ -13,6 +13,8 @@ guided-diffusion does) fixes that and gives the same pixels for RGB and grayscal
 import concurrent.futures
 import hashlib
 import logging
+import os
+import stat
 from typing import NamedTuple
 
 import blobfile as bf
@@ -48,18 +50,44 @@ def is_image_name(name: str) -> bool:
 
 
 def list_image_files(data_dir: str) -> list[str]:
-    """Image paths relative to ``data_dir``, in the original's order: sorted names, depth first."""
-    try:
-        entries = sorted(bf.scandir(data_dir), key=lambda entry: entry.name)
-    except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"data_dir {data_dir} is not a folder: expected one holding {EXTENSION_LIST} files") from None
-    found = []
-    for entry in entries:
-        if entry.is_dir:
-            found.extend(f"{entry.name}/{rel}" for rel in list_image_files(bf.join(data_dir, entry.name)))
-        elif is_image_name(entry.name):
-            found.append(entry.name)
+    """Image paths relative to ``data_dir``, in the original's order: sorted names, depth first.
+
+    Only regular files count: a FIFO, socket or device named like an image is skipped with a warning naming
+    it, since reading one could block forever (a FIFO without a writer) and hold up a stop.
+    """
+    skipped = []
+    found = _image_files(str(data_dir), skipped)
+    if skipped:
+        log.warning("skipped %d image name(s) under %s that are not regular files (FIFOs, sockets or devices): %s",
+                    len(skipped), data_dir, ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     return found
+
+
+def _image_files(data_dir: str, skipped: list[str]) -> list[str]:
+    found = []
+    for name, kind in _entries(data_dir):
+        if kind == "dir":
+            found.extend(f"{name}/{rel}" for rel in _image_files(bf.join(data_dir, name), skipped))
+        elif is_image_name(name):
+            if kind == "file":
+                found.append(name)
+            else:
+                skipped.append(bf.join(data_dir, name))
+    return found
+
+
+def _entries(folder: str) -> list[tuple[str, str]]:
+    """(name, "dir" | "file" | "other") of each entry of ``folder``, sorted by name. Locally the kind comes
+    from the listing itself (no read); blob stores hold only objects and prefixes."""
+    try:
+        if "://" in folder:
+            entries = [(e.name, "dir" if e.is_dir else "file") for e in bf.scandir(folder)]
+        else:
+            with os.scandir(folder) as listing:
+                entries = [(e.name, "dir" if e.is_dir() else "file" if e.is_file() else "other") for e in listing]
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"data_dir {folder} is not a folder: expected one holding {EXTENSION_LIST} files") from None
+    return sorted(entries)
 
 
 def fingerprint(relative_paths: list[str]) -> str:
@@ -107,12 +135,26 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
 def decode(path: str) -> Image.Image:
     """The fully decoded image, or DataError naming the file."""
     try:
-        with bf.BlobFile(path, "rb") as f:
+        with _open_regular(path) as f:
             image = Image.open(f)
             image.load()
         return image
     except DECODE_ERRORS as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading; a local one only when it is a regular file. The open itself does not wait
+    (O_NONBLOCK: opening a FIFO without a writer would block), so a file that became a FIFO after the listing
+    is an error, not a hang that holds up a stop."""
+    if "://" in path:
+        return bf.BlobFile(path, "rb")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file (a FIFO, socket or device)")
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
 
 
 def flip_at(seed: int, position: int) -> bool:

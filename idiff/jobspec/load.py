@@ -58,12 +58,30 @@ def read_spec_data(path) -> tuple[dict, str]:
     return data, text
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a key twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {brief(str(key))} (first on line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def safe_load_bounded(text: str, source: str):
-    """``yaml.safe_load(text)``, refused (SpecError naming ``source`` and the line) when not YAML, or when
-    building it would take more than MAX_SPEC_NODES values or MAX_SPEC_DEPTH levels."""
+    """``yaml.safe_load(text)`` (with duplicate keys refused), refused (SpecError naming ``source`` and the line)
+    when not YAML, or when building it would take more than MAX_SPEC_NODES values or MAX_SPEC_DEPTH levels."""
     try:
         _check_size(text, source)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader: plain data only)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

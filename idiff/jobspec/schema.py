@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import typing
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
@@ -27,6 +28,42 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data):
+        """YAML's ``true`` is not the number 1 (pydantic's lax mode would take it as one): a boolean is accepted
+        only by a field that takes booleans."""
+        for name, value in (data.items() if isinstance(data, dict) else ()):
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if isinstance(value, bool) and field is not None and field.annotation is not bool \
+                    and bool not in typing.get_args(field.annotation):
+                kind = "a number" if _takes_numbers(field.annotation) else "a value of its type"
+                raise ValueError(f"{name}: expected {kind}, got the boolean {str(value).lower()}")
+        return data
+
+
+def _takes_numbers(annotation) -> bool:
+    return annotation in (int, float) or any(_takes_numbers(a) for a in typing.get_args(annotation))
+
+
+def check_path(value: str) -> str:
+    """A path as written in a spec: used literally, so ``~`` and ``$VARS`` (which idiff does not expand: a spec
+    means the same on every node and in every shell) and NUL bytes (which no file name holds) are refused."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte, which no path can hold")
+    if value.startswith("~"):
+        raise ValueError(f"{brief(value)} starts with ~, which idiff does not expand: write the path out, e.g. "
+                         f"{brief(os.path.expanduser(value))}")
+    variable = re.search(r"\$(\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)", value)
+    if variable:
+        raise ValueError(f"{brief(value)} holds {variable.group(0)}, which idiff does not expand: write the path "
+                         f"out (a shell expands it in --set train.data_dir=$SCRATCH/...)")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(check_path)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # what torch.Generator.manual_seed takes
 
 
 class ModelSection(Section):
@@ -122,9 +159,9 @@ class DiffusionSection(Section):
     @model_validator(mode="after")
     def _chain_is_valid(self):
         betas = get_named_beta_schedule(self.noise_schedule, self.diffusion_steps)
-        if not (betas.min() > 0 and betas.max() <= 1):
+        if not (betas.min() > 0 and betas.max() < 1):  # beta_T = 1 leaves no signal: every sample would be 0
             raise ValueError(f"the {self.noise_schedule} schedule with diffusion_steps {self.diffusion_steps} has "
-                             f"betas up to {betas.max():.3g}; each must lie in (0, 1]: use more steps")
+                             f"betas up to {betas.max():.3g}; each must lie in (0, 1): use more steps")
         check_respacing(self.timestep_respacing, self.diffusion_steps, "timestep_respacing")
         return self
 
@@ -141,7 +178,7 @@ def check_respacing(respacing: str, diffusion_steps: int, field: str) -> None:
 class TrainSection(Section):
     """Optimisation, data and bookkeeping of a training run."""
 
-    data_dir: str = Field(description="folder (or gs://, az:// URL) of training images")
+    data_dir: PathText = Field(description="folder (or gs://, az:// URL) of training images")
     batch_size: PositiveInt = Field(description="GLOBAL batch, images per optimizer step over all ranks")
     microbatch: Literal["auto"] | PositiveInt | None = Field(
         None, description="images per forward pass on a rank; 'auto' = largest that fits; none = the rank's batch")
@@ -160,8 +197,8 @@ class TrainSection(Section):
     tensorboard: bool = Field(False, description="also write the logged scalars and preview grids to tensorboard/ "
                               "in the run dir (needs pip install 'idiff[tensorboard]')")
     precision: Precision = Field("fp32", description="fp32; bf16 autocast; fp16 autocast with a GradScaler")
-    seed: int = Field(0, ge=0, description="derives all noise, timesteps, data order and flips")
-    resume_checkpoint: str = Field("", description="start from this model*.pt (a released .pt fine-tunes)")
+    seed: Seed = Field(0, description="derives all noise, timesteps, data order and flips")
+    resume_checkpoint: PathText = Field("", description="start from this model*.pt (a released .pt fine-tunes)")
     random_flip: bool = Field(False, description="random horizontal flips of training images")
     skip_corrupt: bool = Field(False, description="skip unreadable images (counted) instead of failing")
     num_workers: int = Field(4, ge=0, description="data loader worker processes per rank")
@@ -205,6 +242,9 @@ class TrainSection(Section):
         if self.evaluate is not None and self.evaluate.every % self.save_interval:
             raise ValueError(f"evaluate.every ({self.evaluate.every}) must be a multiple of save_interval "
                              f"({self.save_interval}): only checkpoints are evaluated")
+        if self.evaluate is not None and self.evaluate.every > self.total_steps:
+            raise ValueError(f"evaluate.every ({self.evaluate.every}) is beyond the run's {self.total_steps} steps: "
+                             f"nothing would be evaluated; evaluate more often, or leave train.evaluate out")
         return self
 
     @property
@@ -221,8 +261,8 @@ class TrainSection(Section):
 class ModelSource(Section):
     """Which weights to use: a checkpoint file, or a training run's checkpoint."""
 
-    model_path: str | None = Field(None, description="a checkpoint file, e.g. a released .pt")
-    from_run: str | None = Field(None, description="a training run dir; its spec gives the model flags")
+    model_path: PathText | None = Field(None, description="a checkpoint file, e.g. a released .pt")
+    from_run: PathText | None = Field(None, description="a training run dir; its spec gives the model flags")
     checkpoint: Literal["latest"] | int = Field("latest", description="with from_run: 'latest' or a step")
     use_ema: float | bool = Field(True, description="with from_run: true = the first EMA rate, a rate, or false")
 
@@ -251,11 +291,11 @@ class SampleSection(ModelSource):
     clip_denoised: bool = Field(True, description="clip predicted x_0 to [-1, 1]")
     class_labels: Literal["random", "balanced"] | list[int] = Field(
         "random", description="class-conditional models: 'random', 'balanced' (round robin) or a list cycled")
-    seed: int = Field(0, ge=0, description="sample i depends on (seed, i) only")
+    seed: Seed = Field(0, description="sample i depends on (seed, i) only")
     seed_sets: PositiveInt = Field(1, description=(
         "draw this many disjoint sets of num_samples (set k: indices k*num_samples to (k+1)*num_samples - 1); "
         "evaluating them reports each set's score, their mean, std and minimum"))
-    base_samples: str | None = Field(None, description="super-resolution: .npz of low-res images (and labels)")
+    base_samples: PathText | None = Field(None, description="super-resolution: .npz of low-res images (and labels)")
     precision: Precision = Field("fp32", description="fp32, or bf16/fp16 autocast")
 
     @field_validator("timestep_respacing")
@@ -299,8 +339,10 @@ class SampleSection(ModelSource):
     @model_validator(mode="after")
     def _source(self):
         self._check_source("sampling")
-        if "use_ddim" in self.model_fields_set and not self.use_ddim and self.sampler == "ddim":
-            raise ValueError("use_ddim: false contradicts sampler: ddim; set one of them")
+        if self.sampler == "ddim" and not self.use_ddim:
+            if "use_ddim" in self.model_fields_set:
+                raise ValueError("use_ddim: false contradicts sampler: ddim; set one of them")
+            self.use_ddim = True  # the legacy field says what sampler says, so a dumped spec reads back the same
         return self
 
     @property
@@ -346,16 +388,16 @@ class EvaluateSection(ModelSource):
 
     metrics: list[Metric] = Field(default_factory=lambda: ["nll"], min_length=1, description=(
         "which metrics to compute, a list or 'nll,fid'; the default is what the original's image_nll.py computes"))
-    data_dir: str | None = Field(None, description="nll: images to evaluate")
+    data_dir: PathText | None = Field(None, description="nll: images to evaluate")
     num_samples: PositiveInt = Field(1000, description="nll: images to evaluate")
     batch_size: PositiveInt = Field(16, description="nll: GLOBAL batch")
     clip_denoised: bool = Field(True, description="nll: clip predicted x_0")
-    seed: int = Field(0, ge=0, description="nll: noise seed")
-    samples: str | None = Field(None, description="generated images: a .npz or a sample run dir")
-    reference: str | None = Field(None, description=(
+    seed: Seed = Field(0, description="nll: noise seed")
+    samples: PathText | None = Field(None, description="generated images: a .npz or a sample run dir")
+    reference: PathText | None = Field(None, description=(
         "real images (a folder or a .npz batch), or a statistics file in guided-diffusion's reference-batch layout "
         "(mu, sigma[, mu_s, sigma_s, arr_0]; idiff evaluate --make-reference writes one)"))
-    inception_weights: str | None = Field(None, description="pt_inception-2015-12-05 weights file (offline nodes)")
+    inception_weights: PathText | None = Field(None, description="pt_inception-2015-12-05 weights file (offline nodes)")
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -385,13 +427,13 @@ class TrainEvaluateSection(Section):
     every: PositiveInt = Field(description="evaluate the checkpoint of every N-th step; a multiple of save_interval")
     use_ema: float | bool = ModelSource.model_fields["use_ema"]
     metrics: list[Metric] = EvaluateSection.model_fields["metrics"]
-    data_dir: str | None = EvaluateSection.model_fields["data_dir"]
+    data_dir: PathText | None = EvaluateSection.model_fields["data_dir"]
     num_samples: PositiveInt = EvaluateSection.model_fields["num_samples"]
     batch_size: PositiveInt = EvaluateSection.model_fields["batch_size"]
     clip_denoised: bool = EvaluateSection.model_fields["clip_denoised"]
-    seed: int = EvaluateSection.model_fields["seed"]
-    reference: str | None = EvaluateSection.model_fields["reference"]
-    inception_weights: str | None = EvaluateSection.model_fields["inception_weights"]
+    seed: Seed = EvaluateSection.model_fields["seed"]
+    reference: PathText | None = EvaluateSection.model_fields["reference"]
+    inception_weights: PathText | None = EvaluateSection.model_fields["inception_weights"]
     sample: dict = Field(default_factory=dict, description=(
         "fid / inception_score / precision_recall: the sample section of the images drawn for them, without "
         "its weights source (num_samples, batch_size, sampler, steps, ...)"))
@@ -552,14 +594,22 @@ class Resources(JobResources):
 
 class Job(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name")
-    run_dir: str | None = Field(None, description="outputs; default $OPENAI_LOGDIR, else runs/<name>")
+    run_dir: PathText | None = Field(None, description="outputs; default $OPENAI_LOGDIR, else runs/<name>")
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
-    def _default_run_dir(self):
+    def _run_dir_apart_from_inputs(self):
         if not self.run_dir:
             self.run_dir = os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", self.name)
+        for field, path in self.input_paths().items():
+            if _inside(path, self.run_dir):
+                raise ValueError(f"{field} ({brief(path)}) lies in this job's own run_dir {brief(self.run_dir)}: a "
+                                 f"job writes its run dir and reads its inputs from elsewhere; choose another run_dir")
         return self
+
+    def input_paths(self) -> dict[str, str]:
+        """Field -> path of what the job reads (the fields that are set)."""
+        return {}
 
     def model_flags(self) -> dict:
         """The keyword arguments of create_model_and_diffusion for this job (a missing diffusion
@@ -590,6 +640,18 @@ class TrainJob(Job):
     diffusion: DiffusionSection = Field(default_factory=DiffusionSection)
     train: TrainSection
 
+    def input_paths(self) -> dict[str, str]:
+        paths = {"train.data_dir": self.train.data_dir, "train.resume_checkpoint": self.train.resume_checkpoint}
+        if self.train.evaluate is not None:
+            paths.update({f"train.evaluate.{k}": getattr(self.train.evaluate, k)
+                          for k in ("data_dir", "reference", "inception_weights")})
+        return {field: path for field, path in paths.items() if path}
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self):
+        check_first_allocation(self.model, self.train.batch_size, self.resources.world_size, "train.batch_size")
+        return self
+
 
 class ModelJob(Job):
     """A job that loads weights; ``model``/``diffusion`` may be left out with ``from_run``."""
@@ -606,7 +668,17 @@ class ModelJob(Job):
         if self.source.model_path and self.model is None:
             raise ValueError(f"{self.kind}.model_path needs the model section (the flags the checkpoint was trained "
                              "with)")
+        if self.model is not None:
+            section = getattr(self, self.kind)
+            check_first_allocation(self.model, section.batch_size, self.resources.world_size,
+                                   f"{self.kind}.batch_size")
         return self
+
+    def input_paths(self) -> dict[str, str]:
+        section = getattr(self, self.kind)
+        fields = ("model_path", "from_run", *(("base_samples",) if self.kind == "sample" else
+                                              ("data_dir", "samples", "reference", "inception_weights")))
+        return {f"{self.kind}.{k}": getattr(section, k) for k in fields if getattr(section, k)}
 
 
 class SampleJob(ModelJob):
@@ -634,6 +706,42 @@ class EvaluateJob(ModelJob):
     @property
     def source(self) -> ModelSource:
         return self.evaluate
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it (local paths compared absolute; URLs as written)."""
+    if "://" not in path and "://" not in folder:
+        path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder.rstrip("/") or path.startswith(folder.rstrip("/") + "/")
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def first_allocation(model: ModelSection, batch_size: int, world_size: int) -> int:
+    """A rough lower bound of the bytes a rank allocates first, in float32: the UNet's 3x3 convolution weights
+    (two per residual block, encoder and decoder) and the rank's batch of images with the first layer's
+    activations (num_channels per pixel). The real need is several times more; this catches sizes that cannot
+    run anywhere, not sizes that are merely too large for a GPU."""
+    size = model.output_size
+    mult = parse_channel_mult(model.channel_mult, size)
+    weights = sum(2 * (2 * model.num_res_blocks + 1) * 9 * (model.num_channels * m) ** 2 for m in mult)
+    images = math.ceil(batch_size / world_size) * (3 + model.num_channels) * size * size
+    return 4 * (weights + images)
+
+
+def check_first_allocation(model: ModelSection, batch_size: int, world_size: int, field: str) -> None:
+    memory = physical_memory()
+    need = first_allocation(model, batch_size, world_size)
+    if memory is not None and need > memory:
+        raise ValueError(f"{field} {batch_size} with model.image_size {model.output_size} and num_channels "
+                         f"{model.num_channels}: a rank's first allocation alone needs about {need / 2**30:,.1f} GiB, "
+                         f"more than this machine's {memory / 2**30:.1f} GiB of memory; use a smaller batch or model")
 
 
 JobSpec = Annotated[TrainJob | SampleJob | EvaluateJob, Field(discriminator="kind")]

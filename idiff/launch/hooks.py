@@ -36,10 +36,12 @@ class JobHooks:
 
     def __init__(self, spec, env, *, force_new=False, preemption: PreemptionFlag | None = None):
         self.spec, self.env, self.force_new, self.preemption = spec, env, force_new, preemption
+        self.lease = None  # rank 0's hold on the run dir, from begin() to the end of the job
 
     def begin(self) -> RunDir:
         if self.env.is_main:
-            run_dir = claim_run_dir(self.spec, self.force_new)
+            run_dir = claim_run_dir(self.spec, self.force_new, hold=True)
+            self.lease = run_dir.lease
             run_dir.record("start", kind=self.spec.kind, launcher=self.env.launcher, world_size=self.env.world_size,
                            slurm_job_id=self.env.slurm_job_id, restart_count=self.env.restart_count)
         if self.env.world_size > 1:

@@ -2,7 +2,6 @@
 
 import sys
 
-from .. import storage
 from ..errors import EXIT_INTERRUPTED
 from ..ranks.env import configure_threads, init_distributed, shutdown_distributed
 from ..run_dir import RunDir, check_run_dir
@@ -39,8 +38,9 @@ def run_job(hooks: JobHooks) -> str:
         status = job_body(spec.kind)(spec, env, hooks)
         return status
     finally:
-        if env.is_main and storage.exists(RunDir(spec.run_dir).spec_file):
+        if hooks.lease is not None:  # taken by begin(): this job wrote the run
             RunDir(spec.run_dir).record("end", status=status, signal=flag.received)
+            hooks.lease.release()
         if env.is_main and status == "preempted":
             print(f"idiff: stopped on {flag.received}; the run can be resumed: run the same command again "
                   f"(it continues in {spec.run_dir})", file=sys.stderr, flush=True)

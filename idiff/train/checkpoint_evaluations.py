@@ -15,6 +15,9 @@ and jobs that run them are in idiff.launch.hooks (and, on Slurm, idiff.launch.su
 import io
 import json
 
+from pydantic import with_config
+from typing_extensions import TypedDict
+
 from .. import storage
 from ..jobspec.load import parse_spec
 from ..run_dir import RunDir, utc_now
@@ -46,9 +49,16 @@ def evaluation_specs(train_spec, step: int) -> list:
     return specs
 
 
+@with_config(storage.LOG_RECORD)
+class EvaluationRow(TypedDict):
+    """A row of evals.jsonl, as its readers (metrics.png, idiff status) use it; other keys are kept."""
+    step: storage.Int64
+    metrics: dict[str, float]
+
+
 def evaluated_steps(run_dir) -> dict[int, dict]:
-    """Step -> its evals.jsonl row."""
-    rows = storage.read_jsonl(RunDir(run_dir).evals_log, lambda r: isinstance(r.get("step"), int))
+    """Step -> its evals.jsonl row; torn, garbage or wrongly typed lines are skipped with a warning."""
+    rows = storage.read_jsonl(RunDir(run_dir).evals_log, storage.conforms(EvaluationRow))
     return {row["step"]: row for row in rows}
 
 

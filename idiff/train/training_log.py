@@ -8,6 +8,8 @@ import math
 
 import torch
 import torch.distributed as dist
+from pydantic import with_config
+from typing_extensions import Required, TypedDict
 
 from .. import storage
 from ..errors import UserError
@@ -149,8 +151,8 @@ class TrainingLog:
             self._board.close()
 
     def rows(self) -> list[dict]:
-        """The rows of log.jsonl; torn or garbage lines are skipped with a warning."""
-        return storage.read_jsonl(self.jsonl, lambda row: isinstance(row.get("step"), int))
+        """The rows of log.jsonl; torn, garbage or wrongly typed lines are skipped with a warning."""
+        return storage.read_jsonl(self.jsonl, is_log_row)
 
     def drop_after(self, step: int) -> None:
         """Remove the rows of steps after ``step`` (and torn lines at the end) from both files."""
@@ -160,6 +162,21 @@ class TrainingLog:
         if "step" in header:
             column = header.index("step")
             storage.drop_trailing_lines(self.csv, lambda line: _logged_step(_csv_step(line, column), step))
+
+
+@with_config(storage.LOG_RECORD)
+class LogRow(TypedDict, total=False):
+    """A row of log.jsonl, as its readers (loss.png, idiff status) use it; other keys are kept."""
+    step: Required[storage.Int64]
+    loss: float
+    mse: float
+    vb: float
+    loss_q0: float
+    loss_q3: float
+    images_per_s: float
+
+
+is_log_row = storage.conforms(LogRow)
 
 
 class LossHistory:
