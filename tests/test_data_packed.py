@@ -19,7 +19,7 @@ from idiff.data import DataError, ImageDataset, PackedDataset, ShardedLoader, op
 from idiff.data.pack import WORK, FolderSource, pack
 from idiff.data.packed import INDEX, read_index
 from idiff.errors import UserError
-from idiff.evaluate import find_images, load_images
+from idiff.fidelity.images import find_images, load_images
 
 SIZE = 12
 
