@@ -12,8 +12,7 @@ from conftest import tiny_spec
 
 from idiff.cli import main as idiff_main
 from idiff.jobspec.load import parse_spec
-from idiff.launch.chain import CHAIN_EVENT
-from idiff.run_dir import claim_run_dir
+from idiff.run_dir import CHAIN_EVENT, claim_run_dir
 from idiff.train.checkpoint_evaluations import evaluated_steps
 from idiff.train.training_log import TrainingLog
 
