@@ -68,11 +68,11 @@ def _prepare_nll(spec, env) -> _NllSetup:
     e = spec.evaluate
     source = weights.resolve(spec, e)
     model, diffusion = source.build(env.device)
-    flags = source.flags
-    if flags.get("large_size") is not None:
+    if source.model.is_super_res:
         raise UserError("nll of super-resolution models is not supported (they need low-res inputs)")
-    dataset = open_images(e.data_dir, flags["image_size"], class_cond=flags["class_cond"])
-    label_of = _label_mapping(dataset, source) if flags["class_cond"] else None
+    class_cond = source.model.class_cond
+    dataset = open_images(e.data_dir, source.model.image_size, class_cond=class_cond)
+    label_of = _label_mapping(dataset, source) if class_cond else None
     return _NllSetup(model, diffusion, dataset, label_of, min(e.num_samples, len(dataset)))
 
 

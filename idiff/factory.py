@@ -52,26 +52,19 @@ def create_model_and_diffusion(**flags):
     """(UNetModel, diffusion) from the original's flags (and channel_mult, num_classes); missing flags take
     their defaults."""
     _refuse_unknown(flags, set(SPEC_DEFAULTS) - set(SUPER_RES_SIZE_DEFAULTS), "create_model_and_diffusion")
-    return _build(*_sections(flags))
+    return model_and_diffusion(*_sections(flags))
 
 
 def sr_create_model_and_diffusion(**flags):
     """(SuperResModel, diffusion) from the original's super-resolution flags."""
     _refuse_unknown(flags, set(SPEC_DEFAULTS) - set(PLAIN_ONLY_FLAGS), "sr_create_model_and_diffusion")
-    return _build(*_sections({**SUPER_RES_SIZE_DEFAULTS, **flags}))
-
-
-def create_any_model_and_diffusion(flags: dict):
-    """The super-resolution model when the flags give ``large_size``, else the plain UNet; the flags are any
-    model and diffusion fields of the spec, validated by it."""
-    _refuse_unknown(flags, set(SPEC_DEFAULTS), "create_any_model_and_diffusion")
-    return _build(*_sections(flags))
+    return model_and_diffusion(*_sections({**SUPER_RES_SIZE_DEFAULTS, **flags}))
 
 
 def diffusion_from_flags(flags: dict):
-    """The diffusion alone of a spec's model and diffusion flags."""
+    """The diffusion alone of flat model and diffusion flags (scripts and benchmarks that keep the original's)."""
     _refuse_unknown(flags, set(SPEC_DEFAULTS), "diffusion_from_flags")
-    return _diffusion_from_sections(*_sections(flags))
+    return diffusion_for(*_sections(flags))
 
 
 def create_model(image_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
@@ -130,11 +123,13 @@ def _sections(flags: dict) -> tuple[ModelSection, DiffusionSection]:
             DiffusionSection(**{k: v for k, v in flags.items() if k in DiffusionSection.model_fields}))
 
 
-def _build(model: ModelSection, diffusion: DiffusionSection):
-    return model_from_section(model), _diffusion_from_sections(model, diffusion)
+def model_and_diffusion(model: ModelSection, diffusion: DiffusionSection):
+    """(UNetModel or SuperResModel, diffusion) of a spec's sections: how idiff builds them inside."""
+    return model_from_section(model), diffusion_for(model, diffusion)
 
 
-def _diffusion_from_sections(model: ModelSection, diffusion: DiffusionSection):
+def diffusion_for(model: ModelSection, diffusion: DiffusionSection):
+    """The diffusion of ``diffusion`` for ``model`` (whose learn_sigma and super-resolution it depends on)."""
     return create_gaussian_diffusion(
         steps=diffusion.diffusion_steps, learn_sigma=model.learn_sigma,
         # The original's super-resolution diffusion has no sigma_small flag: its fixed variance is always beta_t.

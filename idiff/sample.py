@@ -40,18 +40,15 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
     then collects them. Inputs are checked before the run dir is taken: a bad spec writes nothing."""
     s = spec.sample
     source = weights.resolve(spec, s)
-    if s.steps and s.steps > source.flags["diffusion_steps"]:
+    if s.steps and s.steps > source.diffusion.diffusion_steps:
         raise UserError(f"sample.steps: {s.steps} is more than the model's diffusion_steps "
-                        f"({source.flags['diffusion_steps']})")
+                        f"({source.diffusion.diffusion_steps})")
     model, diffusion = source.build(env.device, timestep_respacing=s.chain_respacing)
     _check_chain_length(s, diffusion.num_timesteps)
-    flags = source.flags
-    super_res = flags.get("large_size") is not None
-    image_size = flags["large_size"] if super_res else flags["image_size"]
-    class_cond = flags["class_cond"]
+    image_size, class_cond = source.model.output_size, source.model.class_cond
     _check_class_labels(s.class_labels, class_cond, model.num_classes)
     num_classes = len(source.classes) if source.classes else model.num_classes
-    base = _base_samples(s, flags["small_size"] if super_res else None, class_cond)
+    base = _base_samples(s, source.model.small_size, class_cond)
 
     run_dir = hooks.begin()
     if env.is_main:

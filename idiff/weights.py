@@ -8,8 +8,8 @@ import torch
 from . import storage
 from .checkpoints import CheckpointStore, checkpoint_files
 from .errors import UserError, brief
-from .factory import create_any_model_and_diffusion
-from .jobspec.schema import check_respacing
+from .factory import model_and_diffusion
+from .jobspec.schema import DiffusionSection, ModelSection, check_respacing
 from .models import ArchitectureMismatch
 from .models.state_dict_check import check_state_dict
 from .run_dir import RunDir
@@ -17,7 +17,8 @@ from .run_dir import RunDir
 
 @dataclass
 class Weights:
-    flags: dict  # create_model_and_diffusion keyword arguments
+    model: ModelSection  # the architecture these weights fit
+    diffusion: DiffusionSection  # the process they were trained for (or the sampling spec's own)
     path: str
     classes: list[str] | None = None  # class names, index = label, when known
     field: str = "model_path"  # the spec field that chose these weights, for messages
@@ -37,15 +38,15 @@ class Weights:
 
     def build(self, device, timestep_respacing=None):
         """(model in eval mode with these weights, diffusion with the given respacing)."""
-        flags = dict(self.flags)
+        sections = self.diffusion
         if timestep_respacing is not None:
             try:  # a spec's own diffusion_steps were checked with it; a training run's are known only now
-                check_respacing(timestep_respacing, flags["diffusion_steps"],
+                check_respacing(timestep_respacing, sections.diffusion_steps,
                                 f"{self.field.split('.')[0]}.timestep_respacing")
             except ValueError as err:
                 raise UserError(str(err)) from None
-            flags["timestep_respacing"] = timestep_respacing
-        model, diffusion = create_any_model_and_diffusion(flags)
+            sections = sections.model_copy(update={"timestep_respacing": timestep_respacing})
+        model, diffusion = model_and_diffusion(self.model, sections)
         load_weights(model, self.path, self.field)
         return model.to(device).eval(), diffusion
 
@@ -107,7 +108,8 @@ def load_optimizer_state(opt, path, field: str) -> None:
 def resolve(spec, source) -> Weights:
     """``source`` is the job's ModelSource section (sample or evaluate)."""
     if source.model_path:
-        return Weights(spec.model_flags(), source.model_path, field=f"{spec.kind}.model_path")
+        return Weights(spec.model, spec.diffusion or DiffusionSection(), source.model_path,
+                       field=f"{spec.kind}.model_path")
 
     run = RunDir(source.from_run)
     saved = run.saved_spec()
@@ -137,11 +139,9 @@ def resolve(spec, source) -> Weights:
         if rate not in rates:
             raise UserError(f"use_ema: {rate} is not an EMA rate of {run.path} (it has {', '.join(map(str, rates))})")
         name = files[f"ema_{rate}"]
-    flags = train_spec.model_flags()
-    if getattr(spec, "diffusion", None) is not None:
-        flags.update(spec.diffusion.model_dump())
-    return Weights(flags, store.path(name), _class_names(run.classes_file), field=f"{spec.kind}.from_run", step=step,
-                   ema_rate=rate)
+    diffusion = spec.diffusion if getattr(spec, "diffusion", None) is not None else train_spec.diffusion
+    return Weights(train_spec.model, diffusion, store.path(name), _class_names(run.classes_file),
+                   field=f"{spec.kind}.from_run", step=step, ema_rate=rate)
 
 
 def _class_names(path) -> list[str] | None:

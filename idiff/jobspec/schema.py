@@ -611,11 +611,6 @@ class Job(Section):
         """Field -> path of what the job reads (the fields that are set)."""
         return {}
 
-    def model_flags(self) -> dict:
-        """The keyword arguments of create_model_and_diffusion for this job (a missing diffusion
-        section means the original's defaults)."""
-        return {**self.model.model_dump(), **(self.diffusion or DiffusionSection()).model_dump()}
-
     # Where a run ends is not part of what it computes: a training run may be extended (train.max_steps raised)
     # and continues as if it had been asked for the longer run from the start.
     RUN_END: ClassVar[dict] = {}

@@ -19,7 +19,7 @@ from ..checkpoints import CheckpointStore
 from ..data import ShardedLoader, open_images
 from ..diffusion.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
 from ..errors import UserError
-from ..factory import create_any_model_and_diffusion
+from ..factory import model_and_diffusion
 from ..precision import autocast
 from ..progress import Progress
 from ..ranks.batch import choose_microbatch, per_rank_batch
@@ -58,7 +58,7 @@ def train(spec, env: RankEnv, hooks) -> str:
     if isinstance(cfg.microbatch, int):
         choose_microbatch(cfg.microbatch, rank_batch)
     torch.manual_seed(rng.derive_seed(cfg.seed, rng.Stream.PROCESS))  # the same initial weights on every rank
-    model, diffusion = create_any_model_and_diffusion(spec.model_flags())
+    model, diffusion = model_and_diffusion(spec.model, spec.diffusion)
     if cfg.resume_checkpoint:  # a bad file fails here; restore() loads it for good
         load_weights(model, cfg.resume_checkpoint, "train.resume_checkpoint")
     run_dir = hooks.begin()

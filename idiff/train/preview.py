@@ -8,7 +8,7 @@ import torch
 
 from .. import rng
 from ..diffusion.draw import draw_images
-from ..factory import diffusion_from_flags
+from ..factory import diffusion_for
 from ..visualize import image_grid
 
 
@@ -36,7 +36,7 @@ def preview_grid(spec, ema, model, path, device, num_labels=None):
             for p, shadow in zip(ema_model.parameters(), ema.shadows[ema.rates[0]]):
                 p.copy_(shadow)
     steps = min(cfg.sample_grid_steps, spec.diffusion.diffusion_steps)
-    diffusion = diffusion_from_flags({**spec.model_flags(), "timestep_respacing": str(steps)})
+    diffusion = diffusion_for(spec.model, spec.diffusion.model_copy(update={"timestep_respacing": str(steps)}))
     indices = list(range(cfg.sample_grid))
     labels = [i % (num_labels or spec.model.num_classes) for i in indices] if spec.model.class_cond else None
     images, _ = draw_images(ema_model, diffusion, indices, seed=cfg.seed, image_size=spec.model.image_size,
