@@ -22,8 +22,7 @@ from .errors import UserError
 from .fidelity import FIDELITY_METRICS, fidelity_inputs, fidelity_metrics
 from .progress import Progress
 from .ranks.env import RankEnv
-from .ranks.signals import any_rank
-from .shards import complete_ranges, missing_parts, rank_ranges, read_npz, scan_shards, write_shard
+from .shards import complete_ranges, finish_sharded_job, missing_parts, rank_ranges, read_npz, scan_shards, write_shard
 
 PER_TIMESTEP_TERMS = ("vb", "mse", "xstart_mse")  # calc_bpd_loop's [N, T] outputs
 
@@ -98,13 +97,8 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
         bpd_sum, images = bpd_sum + float(out["total_bpd"].sum()), images + end - start
         progress.update(end - start, bpd=bpd_sum / images)
     progress.close()
-    if any_rank(hooks.should_suspend()):
-        return "preempted"
-    if env.world_size > 1:
-        dist.barrier()
-    if env.is_main:
-        _merge_nll(parts_dir, setup.num, run_dir, setup.diffusion.num_timesteps)
-    return "completed"
+    return finish_sharded_job(env, hooks, lambda: _merge_nll(parts_dir, setup.num, run_dir,
+                                                             setup.diffusion.num_timesteps))
 
 
 def _nll_part_arrays(num_timesteps: int):

@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import storage, weights
 from .collect import collect
@@ -22,8 +21,7 @@ from .diffusion.draw import draw_images
 from .errors import UserError
 from .progress import Progress
 from .ranks.env import RankEnv
-from .ranks.signals import any_rank
-from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
+from .shards import complete_ranges, finish_sharded_job, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
 
 
 def labels_for(indices, mode, num_classes):
@@ -90,14 +88,12 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
         progress.update(end - start)
     progress.close()
-    if any_rank(hooks.should_suspend()):
-        return "preempted"
-    if env.world_size > 1:
-        dist.barrier()
-    if env.is_main:
+
+    def merge():
         out = collect(run_dir.samples, output_dir=run_dir.path, force=True)
         print(f"idiff: wrote {out}", file=sys.stderr, flush=True)
-    return "completed"
+
+    return finish_sharded_job(env, hooks, merge)
 
 
 def _check_chain_length(s, chain_length) -> None:

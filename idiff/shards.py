@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from . import storage
 from .errors import UserError
 from .ranks.env import RankEnv
+from .ranks.signals import any_rank
 
 _SHARD = re.compile(r"shard-([0-9]{8})-([0-9]{8})\.npz", re.ASCII)
 RANGE_MEMBER = "index_range"  # [start, end) of the indices a shard holds, written with its arrays
@@ -205,3 +207,15 @@ def complete_ranges(folder, arrays_of, env: RankEnv) -> list[tuple[int, int]]:
         dist.broadcast_object_list(box, src=0)
         ranges = box[0]
     return ranges
+
+
+def finish_sharded_job(env, hooks, merge: Callable[[], None]) -> str:
+    """The end of a sharded job (sampling, NLL) on every rank: "preempted" when any rank was asked to stop (its
+    complete shards are kept for the rerun); else every rank waits for the others and rank 0 ``merge``s."""
+    if any_rank(hooks.should_suspend()):
+        return "preempted"
+    if env.world_size > 1:
+        dist.barrier()
+    if env.is_main:
+        merge()
+    return "completed"
