@@ -388,6 +388,8 @@ def submit_sweep(sweep: Sweep, *, local=False, dry_run=False, force_new=False, m
             shutil.rmtree(path, ignore_errors=True)
         return []
     if local:
+        for stage in sweep.stages:
+            _start_record(stage.spec.run_dir, stage.number, sweep)
         failed = run_here(sweep.chains, force_new=force_new, out=out)
         if failed:
             raise UserError(f"{failed} of {n} sweep point(s) failed (above); the others completed")
