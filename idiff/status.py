@@ -405,7 +405,7 @@ def sweep_lines(path: str, sort: str | None = None) -> tuple[list[str], bool]:
         if sort not in known:
             raise UserError(f"--sort {sort}: no point has it; sort by one of {', '.join(known) or '(nothing yet)'}")
         rows.sort(key=lambda row: (sort not in row["sort"], row["sort"].get(sort, 0)))
-    table = [list(SWEEP_COLUMNS)] + [[str(row.get(c) or "") for c in SWEEP_COLUMNS] for row in rows]
+    table = [list(SWEEP_COLUMNS)] + [[str(row.get(c) or "-") for c in SWEEP_COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(SWEEP_COLUMNS))]
     stage = next((s for s in record.get("stages", []) if s.get("stage") == record.get("stage")), {})
     lines = [f"sweep of {len(rows)} point(s) in {path} ({stage.get('kind', '?')}, stage {record.get('stage', 1)} of "
