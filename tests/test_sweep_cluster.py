@@ -101,8 +101,8 @@ def test_a_failed_training_point_cancels_its_own_sample_task_only(tmp_path, shap
     sample = {"kind": "sample", "name": "samples", "run_dir": str(tmp_path / "samples"), "resources": RESOURCES,
               "sample": {"from_run": train["run_dir"], "num_samples": 2, "batch_size": 2, "use_ddim": True,
                          "timestep_respacing": "ddim5"}}
-    out = console("idiff-submit", write_spec(tmp_path / "train.yaml", train),
-                  write_spec(tmp_path / "sample.yaml", sample), "--sweep", f"train.data_dir={shapes_dir},{empty}").stdout
+    specs = [write_spec(tmp_path / "train.yaml", train), write_spec(tmp_path / "sample.yaml", sample)]
+    out = console("idiff-submit", *specs, "--sweep", f"train.data_dir={shapes_dir},{empty}").stdout
     trains, samples = [[f"{array}_{i}" for i in range(int(n))]
                        for array, n in re.findall(r"submitted job array (\d+) \((\d+) tasks", out)]
     assert wait_state(trains[1], DONE) == "FAILED" and wait_state(trains[0], DONE) == "COMPLETED"

@@ -84,14 +84,14 @@ class CostMeter:
 
     def finish(self, status: str) -> dict:
         """The cost of the job; a collective (each rank's peak memory) unless it failed, where ranks may be gone."""
-        wall = time.monotonic() - self.started
+        wall = round(time.monotonic() - self.started, 3)
         peak = peak_memory_mb(self.env.device)
         peaks = [peak]
         if status != "failed" and self.env.world_size > 1 and dist.is_initialized():
             peaks = [None] * self.env.world_size
             dist.all_gather_object(peaks, peak)
         nodes, gpus = _allocation(self.env)
-        cost = {"wall_s": round(wall, 3), "nodes": nodes, "gpus": gpus, "node_hours": nodes * wall / 3600,
+        cost = {"wall_s": wall, "nodes": nodes, "gpus": gpus, "node_hours": nodes * wall / 3600,
                 "gpu_hours": gpus * wall / 3600, "peak_memory_mb": [round(p, 1) for p in peaks],
                 "restart_count": self.env.restart_count, "evaluation_s": round(self.evaluation_s, 3)}
         if self.start_step is not None:
