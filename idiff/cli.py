@@ -186,7 +186,7 @@ def _status(args, argv) -> int:
 
     if args.run_dir is None:
         return print_runs()
-    return print_status(args.run_dir, verify=args.verify, watch=args.watch)
+    return print_status(args.run_dir, verify=args.verify, watch=args.watch, sort=args.sort)
 
 
 def _srun_prefix(args, argv) -> int:
@@ -240,6 +240,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="print it again every SECONDS (default 10) until no job is queued or running")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint's files against its manifest's hashes (reads them all: slow)")
+    p.add_argument("--sort", metavar="METRIC", help="a sweep's points ordered by METRIC, smallest first: loss, step, "
+                                                    "node_hours, gpu_hours or an evaluation's metric (fid, nll_bpd)")
     p.set_defaults(handler=_status)
     p = sub.add_parser("compare", help="fidelity scores of runs side by side, with their protocols",
                        description="Print the scores of evaluate runs (or metrics.json files, or training runs' "

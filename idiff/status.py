@@ -222,9 +222,9 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
                 lines.append(f"evaluation of step {event.get('step')}: slurm job(s) "
                              f"{', '.join(map(str, event['slurm_job_ids']))}: {state}")
                 active = active or not is_final(state)
-        return lines + run_progress(run, spec, verify) + _history(history), active
+        return lines + run_progress(run, spec, verify) + cost_line(run_cost(history)) + _history(history), active
     stages = chains[-1]["stages"]
-    body, states = [], {}
+    body, states, costs = [], {}, []
     for stage in stages:
         job_id = str(stage.get("slurm_job_id"))
         stage_run = RunDir(stage["run_dir"])
@@ -234,6 +234,8 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
         stage_spec = _saved_spec(stage_run)
         if stage_spec is not None:
             body += [f"  {line}" for line in run_progress(stage_run, stage_spec, verify)]
+        costs.append(run_cost(stage_run.history() if storage.exists(stage_run.history_file) else []))
+        body += [f"  {line}" for line in cost_line(costs[-1])]
     running = next((s for s in stages if states[s["stage"]].startswith(("RUNNING", "COMPLETING"))), None)
     stopped = next((s for s in stages if is_final(states[s["stage"]])
                     and not states[s["stage"]].startswith(("COMPLETED", "finished"))), None)
@@ -246,7 +248,7 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
     else:
         where = "waiting in the queue"
     active = not all(is_final(state) for state in states.values())
-    return [f"chain of {len(stages)} jobs: {where}", *body], active
+    return [f"chain of {len(stages)} jobs: {where}", *body, *cost_line(add_costs(costs), "chain cost")], active
 
 
 def _history(history: list[dict]) -> list[str]:
@@ -285,12 +287,19 @@ def print_runs(folder: str = ".", out=None) -> int:
     return 0
 
 
-def print_status(path, *, verify: bool = False, watch: float | None = None, out=None) -> int:
-    """Print the status once, or with ``watch`` every that many seconds until no job of it is queued or running."""
+def print_status(path, *, verify: bool = False, watch: float | None = None, sort: str | None = None,
+                 out=None) -> int:
+    """Print the status once, or with ``watch`` every that many seconds until no job of it is queued or running;
+    a sweep's folder: a row per point, sorted by ``sort``."""
+    from .launch.sweep import is_sweep_dir
+
     out = out or sys.stdout
     terminal = getattr(out, "isatty", lambda: False)()
+    sweep = is_sweep_dir(path)
+    if sort is not None and not sweep:
+        raise UserError(f"--sort: {path} is not a sweep's folder (no sweep.json); --sort orders a sweep's points")
     while True:
-        lines, active = status_lines(path, verify)
+        lines, active = sweep_lines(path, sort) if sweep else status_lines(path, verify)
         if watch is not None and terminal:
             print("\033[H\033[J", end="", file=out)  # redraw in place
         print("\n".join(lines), file=out, flush=True)
@@ -299,3 +308,110 @@ def print_status(path, *, verify: bool = False, watch: float | None = None, out=
         time.sleep(watch)
         if not terminal:
             print(file=out)
+
+
+# ----------------------------------------------------------------------------- costs and sweeps
+def run_cost(history: list[dict]) -> dict | None:
+    """What a run's jobs cost, summed over their ``end`` records (launch.cost); None before any has one."""
+    costs = [e["cost"] for e in history if e["event"] == "end" and isinstance(e.get("cost"), dict)]
+    if not costs:
+        return None
+
+    def total(key, where=lambda c: True):
+        return sum(c[key] for c in costs if isinstance(c.get(key), (int, float)) and where(c))
+
+    wall, images = total("wall_s"), total("images")
+    peaks = [p for c in costs for p in c.get("peak_memory_mb") or [] if isinstance(p, (int, float))]
+    return {"jobs": len(costs), "wall_s": wall, "node_hours": total("node_hours"), "gpu_hours": total("gpu_hours"),
+            "images_per_s": images / wall if images and wall else None,
+            "s_per_kimg": 1000 * wall / images if images else None, "peak_memory_mb": max(peaks, default=None),
+            "restarts": sum(1 for e in history if e["event"] == "start") - 1, "lost_steps": total("lost_steps"),
+            "requeue_queued_s": total("queued_s", lambda c: (c.get("restart_count") or 0) > 0),
+            "evaluation_s": total("evaluation_s")}
+
+
+def add_costs(costs: list[dict | None]) -> dict | None:
+    """The cost of a chain or sweep: its runs' costs added (the peak: the largest)."""
+    known = [c for c in costs if c is not None]
+    if not known:
+        return None
+    summed = {k: sum(c[k] or 0 for c in known) for k in ("jobs", "wall_s", "node_hours", "gpu_hours", "restarts",
+                                                         "lost_steps", "requeue_queued_s", "evaluation_s")}
+    return {**summed, "peak_memory_mb": max((c["peak_memory_mb"] for c in known if c["peak_memory_mb"]), default=None),
+            "images_per_s": None, "s_per_kimg": None}
+
+
+def cost_line(cost: dict | None, label: str = "cost") -> list[str]:
+    if cost is None:
+        return []
+    text = (f"{label}: {cost['jobs']} job(s), wall {format_duration(cost['wall_s'])}, {cost['node_hours']:.4g} "
+            f"node-h, {cost['gpu_hours']:.4g} GPU-h")
+    if cost["images_per_s"]:
+        text += f", {cost['images_per_s']:.3g} img/s ({cost['s_per_kimg']:.3g} s/kimg)"
+    if cost["peak_memory_mb"]:
+        text += f", peak {cost['peak_memory_mb']:.0f} MB/rank"
+    return [text + f", {cost['restarts']} restart(s), {cost['lost_steps']} step(s) lost, "
+                   f"{format_duration(cost['requeue_queued_s'])} queued after requeues, "
+                   f"{format_duration(cost['evaluation_s'])} evaluating"]
+
+
+SWEEP_COLUMNS = ("point", "state", "step", "loss", "eval", "eta", "node-h", "GPU-h", "restarts", "lost")
+
+
+def sweep_row(run: RunDir) -> dict:
+    """A point's row: its Slurm state, progress, last evaluation and cost; sortable values under ``sort``."""
+    history = run.history() if storage.exists(run.history_file) else []
+    submitted = [str(e["slurm_job_id"]) for e in history if e["event"] == "submit" and e.get("slurm_job_id")]
+    state = slurm_state(submitted[-1])[0] if submitted else \
+        next((e.get("status") for e in reversed(history) if e["event"] == "end"), None) or "not run"
+    row = {"point": os.path.basename(run.path), "state": state, "step": "", "loss": "", "eval": "", "eta": "",
+           "sort": {}}
+    spec = _saved_spec(run)
+    if spec is not None and spec.kind == "train":
+        last = last_log_row(run)
+        if last is not None:
+            total = spec.train.total_steps
+            row["step"], row["sort"]["step"] = f"{last['step']}/{total}", last["step"]
+            if isinstance(last.get("loss"), (int, float)):
+                row["loss"], row["sort"]["loss"] = f"{last['loss']:.4g}", last["loss"]
+            rate = last.get("images_per_s")
+            if not is_final(state) and isinstance(rate, (int, float)) and rate > 0:
+                row["eta"] = format_duration((total - last["step"]) * spec.train.batch_size / rate)
+        from .train.checkpoint_evaluations import evaluated_steps
+
+        evaluations = evaluated_steps(run.path)
+        if evaluations:
+            metrics = evaluations[max(evaluations)]["metrics"]
+            row["eval"] = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            row["sort"].update(metrics)
+    cost = run_cost(history)
+    row["cost"] = cost
+    if cost is not None:
+        row.update({"node-h": f"{cost['node_hours']:.3g}", "GPU-h": f"{cost['gpu_hours']:.3g}",
+                    "restarts": str(cost["restarts"]), "lost": str(cost["lost_steps"])})
+        row["sort"].update(node_hours=cost["node_hours"], gpu_hours=cost["gpu_hours"])
+    return row
+
+
+def sweep_lines(path: str, sort: str | None = None) -> tuple[list[str], bool]:
+    """(one row per point of the sweep in ``path``, sorted by ``sort``; whether a job of it is still queued or
+    running)."""
+    from .launch.sweep import sweep_record
+
+    record = sweep_record(path)
+    rows = [sweep_row(RunDir(storage.join(path, p["name"]))) for p in record["points"]]
+    if sort is not None:
+        known = sorted({k for row in rows for k in row["sort"]})
+        if sort not in known:
+            raise UserError(f"--sort {sort}: no point has it; sort by one of {', '.join(known) or '(nothing yet)'}")
+        rows.sort(key=lambda row: (sort not in row["sort"], row["sort"].get(sort, 0)))
+    table = [list(SWEEP_COLUMNS)] + [[str(row.get(c) or "-") for c in SWEEP_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(SWEEP_COLUMNS))]
+    stage = next((s for s in record.get("stages", []) if s.get("stage") == record.get("stage")), {})
+    lines = [f"sweep of {len(rows)} point(s) in {path} ({stage.get('kind', '?')}, stage {record.get('stage', 1)} of "
+             f"{len(record.get('stages', [])) or 1}); arrays: "
+             f"{', '.join(str(a.get('job_id')) for a in record.get('arrays', [])) or 'none'}"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines += cost_line(add_costs([row["cost"] for row in rows]), "sweep cost")
+    return lines, any(not is_final(row["state"]) and row["state"] not in ("not run", "completed", "preempted")
+                      for row in rows)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -37,6 +38,7 @@ class JobHooks:
     def __init__(self, spec, env, *, force_new=False, preemption: PreemptionFlag | None = None):
         self.spec, self.env, self.force_new, self.preemption = spec, env, force_new, preemption
         self.lease = None  # rank 0's hold on the run dir, from begin() to the end of the job
+        self.cost = None  # the job's cost.CostMeter, from runner.run_job
 
     def begin(self) -> RunDir:
         if self.env.is_main:
@@ -100,6 +102,14 @@ class EvaluatingHooks(JobHooks):
         print(f"idiff: evaluating checkpoint {step} ({', '.join(self.spec.train.evaluate.metrics)})",
               file=sys.stderr, flush=True)
         storage.makedirs(folder)
+        started = time.monotonic()
+        try:
+            self._evaluate_here(step, specs, folder, environ)
+        finally:
+            if self.cost is not None:
+                self.cost.evaluation_s += time.monotonic() - started
+
+    def _evaluate_here(self, step, specs, folder, environ) -> None:
         for spec in specs:
             path = storage.join(folder, f"{spec.kind}.yaml")
             storage.atomic_write_text(path, dump_spec(spec))

@@ -6,6 +6,7 @@ from ..errors import EXIT_INTERRUPTED
 from ..ranks.env import configure_threads, init_distributed, shutdown_distributed
 from ..run_dir import RunDir, check_run_dir
 from ..train.training_log import check_tensorboard
+from .cost import CostMeter
 from .hooks import JobHooks
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again to continue
@@ -31,6 +32,7 @@ def run_job(hooks: JobHooks) -> str:
     spec, env, flag = hooks.spec, hooks.env, hooks.preemption
     check_run_dir(spec, hooks.force_new)  # every rank, before anything is written: they all fail alike
     check_tensorboard(spec)
+    hooks.cost = CostMeter(spec, env)
     configure_threads(env)
     init_distributed(env)
     status = "failed"
@@ -38,8 +40,9 @@ def run_job(hooks: JobHooks) -> str:
         status = job_body(spec.kind)(spec, env, hooks)
         return status
     finally:
+        cost = hooks.cost.finish(status)  # every rank: their peak memory is gathered
         if hooks.lease is not None:  # taken by begin(): this job wrote the run
-            RunDir(spec.run_dir).record("end", status=status, signal=flag.received)
+            RunDir(spec.run_dir).record("end", status=status, signal=flag.received, cost=cost)
             hooks.lease.release()
         if env.is_main and status == "preempted":
             print(f"idiff: stopped on {flag.received}; the run can be resumed: run the same command again "

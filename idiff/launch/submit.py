@@ -140,9 +140,10 @@ def _jobs_folder(spec) -> str:
     return os.path.abspath(os.path.join(base, "slurm", "%j"))
 
 
-def executor_parameters(spec, cluster: str, after: str | None = None) -> dict:
+def executor_parameters(spec, cluster: str, after: str | None = None, dependency: str = "afterok") -> dict:
     """submitit's parameters of ``spec``'s job on ``cluster`` ("slurm" or "local"); ``after``: the Slurm job it
-    waits for (afterok), in a chain. Pure: a dry run prints them where no Slurm is reachable."""
+    waits for (``dependency``: afterok, or aftercorr between the job arrays of a sweep), in a chain. Pure: a dry
+    run prints them where no Slurm is reachable."""
     r = spec.resources
     # Locally, the ranks of every node run on this one machine (training is world-size independent).
     nodes, ranks_per_node = (r.nodes, r.ranks_per_node) if cluster == "slurm" else (1, r.world_size)
@@ -163,7 +164,7 @@ def executor_parameters(spec, cluster: str, after: str | None = None) -> dict:
     if after is not None:
         # A stage whose predecessor failed or was cancelled can never start: Slurm cancels it (and so
         # the rest of the chain) instead of leaving it pending with reason DependencyNeverSatisfied.
-        extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
+        extra.update({"dependency": f"{dependency}:{after}", "kill-on-invalid-dep": "yes"})
     if extra:
         params["slurm_additional_parameters"] = extra
     if r.container is not None:
@@ -172,14 +173,16 @@ def executor_parameters(spec, cluster: str, after: str | None = None) -> dict:
     return params
 
 
-def executor_for(spec, local: bool = False, after: str | None = None) -> submitit.AutoExecutor:
-    """The executor of ``spec``'s job; ``after``: the Slurm job it waits for (afterok), in a chain."""
+def executor_for(spec, local: bool = False, after: str | None = None, *, dependency: str = "afterok",
+                 folder: str | None = None) -> submitit.AutoExecutor:
+    """The executor of ``spec``'s job; ``after``: the Slurm job it waits for (``dependency``), in a chain;
+    ``folder``: submitit's (default: in the run dir)."""
     cluster = "local" if local else "slurm"
     in_container = spec.resources.container is not None and cluster == "slurm"
     python = {"slurm_python": shlex.join(wrap(spec, ["python"], os.getcwd()))} if in_container else {}
-    executor = submitit.AutoExecutor(folder=_jobs_folder(spec), cluster=cluster,
+    executor = submitit.AutoExecutor(folder=folder or _jobs_folder(spec), cluster=cluster,
                                      slurm_max_num_timeout=spec.resources.max_requeues, **python)
-    executor.update_parameters(**executor_parameters(spec, cluster, after))
+    executor.update_parameters(**executor_parameters(spec, cluster, after, dependency))
     return executor
 
 
@@ -206,6 +209,17 @@ def slurm_unreachable() -> str | None:
     if missing:
         return f"{' and '.join(missing)} not found on PATH"
     return None
+
+
+def slurm_for(local: bool, dry_run: bool) -> str | None:
+    """Why Slurm cannot be reached (None when it can, or is not needed: --local); a submission without it is
+    refused, a dry run goes on."""
+    unreachable = None if local else slurm_unreachable()
+    if unreachable and not dry_run:
+        raise UserError(f"no Slurm reachable from this machine ({unreachable}): load your cluster's Slurm "
+                        f"environment (e.g. `module load slurm`), or run the job on this machine on purpose with "
+                        f"--local; `--dry-run` shows what would be submitted")
+    return unreachable
 
 
 def destination(spec, cluster: str) -> str:
@@ -241,11 +255,7 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
             raise UserError(f"{stage.label}: {err}" if chained else str(err)) from None
     check_chain(stages)
     cluster = "local" if local else "slurm"
-    unreachable = None if local else slurm_unreachable()
-    if unreachable and not dry_run:
-        raise UserError(f"no Slurm reachable from this machine ({unreachable}): load your cluster's Slurm "
-                        f"environment (e.g. `module load slurm`), or run the job on this machine on purpose with "
-                        f"--local; `--dry-run` shows what would be submitted")
+    unreachable = slurm_for(local, dry_run)
     for stage in stages:
         print(("would submit " if dry_run else "submitting ") + destination(stage.spec, cluster), file=out)
         for note in _notes(stage.spec, cluster):
@@ -281,17 +291,17 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
     return job_ids
 
 
-def _print_dry_run(spec, local, after, out, heading, slurm_reachable) -> None:
+def _print_dry_run(spec, local, after, out, heading, slurm_reachable, dependency="afterok", folder=None) -> None:
     cluster = "local" if local else "slurm"
     print(f"{heading}# resolved spec", file=out)
     print(dump_spec(spec), file=out)
     if not (local or slurm_reachable):  # submitit's Slurm executor needs srun even to print its sbatch options
         print(f"# {cluster} parameters, as idiff gives them to submitit", file=out)
-        print(yaml.safe_dump(executor_parameters(spec, cluster, after), sort_keys=True), file=out)
+        print(yaml.safe_dump(executor_parameters(spec, cluster, after, dependency), sort_keys=True), file=out)
         return
     # submitit makes its log folder when the executor is made: a dry run leaves no folder behind it
     made = [path for path in (spec.run_dir, "slurm-logs") if not storage.is_remote(path) and not os.path.exists(path)]
-    executor = executor_for(spec, local, after=after)
+    executor = executor_for(spec, local, after=after, dependency=dependency, folder=folder)
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
     print(f"# {executor.cluster} parameters", file=out)
@@ -300,7 +310,13 @@ def _print_dry_run(spec, local, after, out, heading, slurm_reachable) -> None:
 
 
 def submit_one(spec, local, force_new, *, after, out, job=None) -> str:
-    """Take ``spec``'s run dir and submit ``job`` (default: the spec's own), after the Slurm job ``after``."""
+    """Take ``spec``'s run dir and submit ``job`` (default: the spec's own), after the Slurm job ``after``;
+    returns its job id."""
+    return submit_job(spec, local, force_new, after=after, out=out, job=job).job_id
+
+
+def submit_job(spec, local, force_new, *, after, out, job=None) -> submitit.Job:
+    """submit_one, returning submitit's Job."""
     # Marked as this run's before submitit writes into it (its local executor makes its log folder as soon
     # as it is made), and before the job's own check.
     run_dir = claim_run_dir(spec, force_new)
@@ -314,7 +330,7 @@ def submit_one(spec, local, force_new, *, after, out, job=None) -> str:
     print(f"submitted job {submitted.job_id} ({executor.cluster}): {spec.name}", file=out)
     print(f"  run dir: {spec.run_dir}", file=out)
     print(f"  logs:    {submitted.paths.stdout}\n           {submitted.paths.stderr}", file=out)
-    return submitted.job_id
+    return submitted
 
 
 def _test_only(executor) -> None:
@@ -360,6 +376,26 @@ def _common_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and sbatch parameters")
 
 
+def _sweep_arguments(parser):
+    from .sweep import MAX_POINTS
+
+    group = parser.add_argument_group("sweeps (a job array per stage; each point a run in RUN_DIR/<point name>/)")
+    group.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a grid axis: every point takes each value (several --sweep: every combination)")
+    group.add_argument("--sweep-file", metavar="SWEEP.yaml",
+                       help="`grid:` (KEY: [values]) and/or `points:` (a list of KEY: value mappings)")
+    group.add_argument("--max-parallel", type=_positive, metavar="N",
+                       help="at most N points of a stage run at once (the job array's %%N)")
+    group.add_argument("--max-points", type=_positive, default=MAX_POINTS, metavar="N",
+                       help=f"refuse a sweep of more points (default {MAX_POINTS}: Slurm's default MaxArraySize)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
 @guarded("idiff-submit")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="idiff-submit", description=(
@@ -372,10 +408,20 @@ def main(argv=None) -> int:
     _common_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--force-new", action="store_true", help="move a run dir of another spec aside")
+    _sweep_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        stages = load_chain(args.specs, [*args.overrides, *_resource_overrides(args)])
-        submit_chain(stages, local=args.local, dry_run=args.dry_run, force_new=args.force_new)
+        overrides = [*args.overrides, *_resource_overrides(args)]
+        if args.sweep or args.sweep_file:
+            from .sweep import plan_sweep, submit_sweep
+
+            sweep = plan_sweep(args.specs, overrides, args.sweep, args.sweep_file, local=args.local,
+                               force_new=args.force_new, max_points=args.max_points)
+            submit_sweep(sweep, local=args.local, dry_run=args.dry_run, force_new=args.force_new,
+                         max_parallel=args.max_parallel)
+        else:
+            submit_chain(load_chain(args.specs, overrides), local=args.local, dry_run=args.dry_run,
+                         force_new=args.force_new)
     except UserError as err:
         return report(err, "idiff-submit")
     return 0
@@ -386,10 +432,18 @@ def resume_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="idiff-resume", description=(
         "Resubmit a run's saved spec after a hard failure or a cancelled job; it continues from the newest "
         "complete checkpoint. The node count may change: the global batch stays, the per-rank split is recomputed."))
-    parser.add_argument("run_dir", help="the run dir (holds spec.yaml)")
+    parser.add_argument("run_dir", help="the run dir (holds spec.yaml), or a sweep's (holds sweep.json): every "
+                                        "unfinished point")
     _common_arguments(parser)
+    parser.add_argument("--max-parallel", type=_positive, metavar="N", help="a sweep's points at once (%%N)")
     args = parser.parse_args(argv)
     try:
+        from .sweep import is_sweep_dir, resume_sweep
+
+        if is_sweep_dir(args.run_dir):
+            resume_sweep(args.run_dir, _resource_overrides(args), local=args.local, dry_run=args.dry_run,
+                         max_parallel=args.max_parallel)
+            return 0
         saved = RunDir(args.run_dir).saved_spec()
         if saved is None:
             raise UserError(f"{args.run_dir}: not a run dir (no spec.yaml)")
