@@ -34,6 +34,7 @@ from . import lease, storage
 from .errors import UserError, brief
 from .jobspec.load import SpecError, dump_spec, parse_spec, read_spec_data
 
+SWEEP_FILE = "sweep.json"  # in each stage's run dir of a sweep: its points and the job arrays submitted
 CHAIN_EVENT = "chain"  # the jobs.jsonl event that lists a chain's stages (idiff-submit A B C)
 OWNER_MARK = "# idiff run dir: written by idiff when it took this folder for the job below\n"
 JobId = str | storage.Int64  # a Slurm job id (a number, or ARRAY_TASK text)
@@ -246,3 +247,21 @@ def _differences(a, b, prefix="") -> list[str]:
     if not keys:
         return [prefix.rstrip(".")] if a != b else []
     return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+
+
+def is_sweep_dir(path: str) -> bool:
+    """Whether ``path`` is the folder of a sweep (its points are run dirs inside it)."""
+    return storage.exists(storage.join(path, SWEEP_FILE))
+
+
+def sweep_record(path: str) -> dict:
+    """The ``sweep.json`` of a stage's run dir; UserError naming it when it is unreadable."""
+    file = storage.join(path, SWEEP_FILE)
+    try:
+        record = json.loads(storage.read_text(file))
+        assert isinstance(record, dict) and isinstance(record["points"], list)
+        assert all(isinstance(p["name"], str) and "/" not in p["name"] and p["name"] not in (".", "..")
+                   for p in record["points"])
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{file}: not a readable sweep record") from None
+    return record

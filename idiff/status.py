@@ -10,21 +10,19 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 from . import storage
 from .checkpoints import CheckpointStore
 from .errors import UserError
 from .jobspec.load import SpecError
 from .progress import format_duration
-from .run_dir import CHAIN_EVENT, RunDir
+from .run_dir import CHAIN_EVENT, RunDir, is_sweep_dir, sweep_record
 from .shards import scan_shards
-from .train.training_log import is_log_row
+from .train.training_log import last_log_row
 
 # sacct/squeue states in which a job will not run again
 FINAL_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "TIMEOUT", "finished"}
-LOG_TAIL_BYTES = 1 << 16  # the last rows of log.jsonl: enough for the latest, whatever the run's length
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -69,34 +67,6 @@ def job_line(job_id: str, history: list[dict]) -> tuple[str, str]:
 
 def is_final(state: str) -> bool:
     return state.split(" ")[0] in FINAL_STATES
-
-
-def last_log_row(run_dir: RunDir) -> dict | None:
-    """The newest row of log.jsonl, reading only the file's tail; unreadable lines in it are counted in a warning,
-    as a whole read would (storage.read_jsonl)."""
-    path = run_dir.log_file
-    if not storage.exists(path):
-        return None
-    if storage.is_remote(path):
-        lines = storage.read_appended(path).splitlines()
-    else:
-        with storage.open_for_reading(path) as f:
-            start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
-            f.seek(start)
-            lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line
-    rows, bad = [], 0
-    for line in filter(str.strip, lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and is_log_row(row):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
-    return rows[-1] if rows else None
 
 
 def _age(path) -> str:
@@ -291,8 +261,6 @@ def print_status(path, *, verify: bool = False, watch: float | None = None, sort
                  out=None) -> int:
     """Print the status once, or with ``watch`` every that many seconds until no job of it is queued or running;
     a sweep's folder: a row per point, sorted by ``sort``."""
-    from .launch.sweep import is_sweep_dir
-
     out = out or sys.stdout
     terminal = getattr(out, "isatty", lambda: False)()
     sweep = is_sweep_dir(path)
@@ -396,8 +364,6 @@ def sweep_row(run: RunDir) -> dict:
 def sweep_lines(path: str, sort: str | None = None) -> tuple[list[str], bool]:
     """(one row per point of the sweep in ``path``, sorted by ``sort``; whether a job of it is still queued or
     running)."""
-    from .launch.sweep import sweep_record
-
     record = sweep_record(path)
     rows = [sweep_row(RunDir(storage.join(path, p["name"]))) for p in record["points"]]
     if sort is not None:

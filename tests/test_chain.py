@@ -8,8 +8,8 @@ from conftest import tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
 from idiff.jobspec.schema import Resources
-from idiff.launch.submit import RESOURCE_FLAGS
-from idiff.launch.submit import main as submit_main
+from idiff.launch.commands import RESOURCE_FLAGS
+from idiff.launch.commands import main as submit_main
 
 
 @pytest.fixture

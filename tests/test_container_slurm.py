@@ -29,9 +29,8 @@ from conftest import (
 
 from idiff.cli import main as idiff_main
 from idiff.jobspec.load import parse_spec
-from idiff.launch.container import srun_options, wrap
-from idiff.launch.submit import REQUEUE_MARKER, container_setup
-from idiff.launch.submit import main as submit_main
+from idiff.launch.commands import main as submit_main
+from idiff.launch.container import REQUEUE_MARKER, container_setup, srun_options, wrap
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "/home/ada/project"  # the working directory the job is submitted from

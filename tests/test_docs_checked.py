@@ -10,7 +10,7 @@ import pytest
 from idiff.cli import make_parser
 from idiff.jobspec.docs import SECTIONS
 from idiff.jobspec.flags import flag_fields
-from idiff.launch.submit import main as submit_main
+from idiff.launch.commands import main as submit_main
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "slurm" / "README.md",

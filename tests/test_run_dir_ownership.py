@@ -10,7 +10,7 @@ from conftest import TINY_MODEL, tiny_spec, write_spec
 
 from idiff.cli import main
 from idiff.collect import main as collect_main
-from idiff.launch.submit import main as submit_main
+from idiff.launch.commands import main as submit_main
 from idiff.run_dir import OWNER_MARK
 from idiff.shards import shard_name, write_shard
 

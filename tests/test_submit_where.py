@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_spec, write_spec
 
-from idiff.launch.submit import main as submit_main
-from idiff.launch.submit import resume_main
+from idiff.launch.commands import main as submit_main
+from idiff.launch.commands import resume_main
 
 
 @pytest.fixture

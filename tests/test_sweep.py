@@ -8,8 +8,8 @@ import pytest
 from conftest import assert_same_tensors, final_files, idiff_in_process, tiny_spec, write_spec
 
 from idiff.errors import UserError
-from idiff.launch.submit import main as submit_main
-from idiff.launch.submit import resume_main
+from idiff.launch.commands import main as submit_main
+from idiff.launch.commands import resume_main
 from idiff.launch.sweep import grid_points, point_names
 
 

@@ -9,6 +9,7 @@ container as the task itself, environment and user included.
 """
 
 import os
+import shlex
 import shutil
 
 from .. import storage
@@ -99,3 +100,19 @@ def wrap(spec, command: list[str], cwd: str) -> list[str]:
         return ["apptainer", "exec", *(["--nv"] if gpus else []), "--bind", binds, "--pwd", cwd,
                 container.image, *command]
     return list(command)  # pyxis: srun itself starts the task in the container (srun_options)
+
+
+REQUEUE_MARKER = "requeue"  # in a job's submitit folder: rank 0 in a container asks for a requeue
+
+
+def container_setup(jobs_folder) -> list[str]:
+    """Lines of the batch script (on the node, outside the container) of a containerised job;
+    ``jobs_folder`` holds submitit's folder of each job, named by its id."""
+    marker = f'{shlex.quote(str(jobs_folder))}/"$SLURM_JOB_ID"/{REQUEUE_MARKER}'
+    return [
+        # `python -m` puts the working directory first on sys.path, where a checkout of idiff (mounted
+        # with it) would shadow the image's own.
+        "export PYTHONSAFEPATH=1",
+        f"requeue_if_asked() {{ if [[ -e {marker} ]]; then rm -f {marker}; scontrol requeue \"$SLURM_JOB_ID\"; fi; }}",
+        "trap requeue_if_asked EXIT",
+    ]

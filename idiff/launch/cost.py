@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..checkpoints import CheckpointStore
 from ..run_dir import RunDir
+from ..train.training_log import last_log_row
 
 
 def _newest_checkpoint(run_dir: RunDir) -> int:
@@ -34,8 +35,6 @@ def _newest_checkpoint(run_dir: RunDir) -> int:
 
 
 def _last_logged_step(run_dir: RunDir) -> int | None:
-    from ..status import last_log_row
-
     row = last_log_row(run_dir)
     return row["step"] if row is not None else None
 

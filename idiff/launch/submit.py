@@ -6,28 +6,26 @@ the signal only sets the flag; all ranks agree at a step boundary, checkpoint, a
 rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or cancelling it).
 """
 
-import argparse
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import typing
 
 import submitit
 import yaml
 
 from .. import storage
-from ..errors import UserError, guarded, report
-from ..jobspec.load import apply_overrides, dump_spec, parse_spec
-from ..jobspec.schema import Resources, refuse_control_characters
+from ..errors import UserError
+from ..jobspec.load import dump_spec, parse_spec
+from ..jobspec.schema import refuse_control_characters
 from ..ranks.env import RankEnv, port_for_job
 from ..ranks.signals import PreemptionFlag
 from ..run_dir import CHAIN_EVENT, RunDir, check_run_dir, claim_run_dir
 from ..train.checkpoint_evaluations import record_evaluation
-from .chain import Stage, chain_record, check_chain, load_chain
-from .container import check_container, srun_options, wrap
+from .chain import Stage, chain_record, check_chain
+from .container import REQUEUE_MARKER, check_container, container_setup, srun_options, wrap
 from .hooks import hooks_for
 from .runner import EXIT_PREEMPTED, run_job
 
@@ -116,22 +114,6 @@ def submit_evaluation_jobs(train_spec, step: int, specs: list) -> list[str]:
             job_ids.append(submit_one(spec, local=False, force_new=False, out=sys.stderr, job=job,
                                       after=job_ids[-1] if job_ids else None))
     return job_ids
-
-
-REQUEUE_MARKER = "requeue"  # in a job's submitit folder: rank 0 in a container asks for a requeue
-
-
-def container_setup(jobs_folder) -> list[str]:
-    """Lines of the batch script (on the node, outside the container) of a containerised job;
-    ``jobs_folder`` holds submitit's folder of each job, named by its id."""
-    marker = f'{shlex.quote(str(jobs_folder))}/"$SLURM_JOB_ID"/{REQUEUE_MARKER}'
-    return [
-        # `python -m` puts the working directory first on sys.path, where a checkout of idiff (mounted
-        # with it) would shadow the image's own.
-        "export PYTHONSAFEPATH=1",
-        f"requeue_if_asked() {{ if [[ -e {marker} ]]; then rm -f {marker}; scontrol requeue \"$SLURM_JOB_ID\"; fi; }}",
-        "trap requeue_if_asked EXIT",
-    ]
 
 
 def _jobs_folder(spec) -> str:
@@ -262,7 +244,7 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
             print(note, file=out)
     if dry_run:
         for stage in stages:
-            _print_dry_run(stage.spec, local, f"<the job id of stage {stage.number - 1}>"
+            print_dry_run(stage.spec, local, f"<the job id of stage {stage.number - 1}>"
                            if stage.number > 1 else None, out, f"# {stage.label}\n" if chained else "",
                            slurm_reachable=not unreachable)
         if unreachable:
@@ -271,7 +253,7 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
         return []
     if not local:
         for stage in stages:
-            _test_only(executor_for(stage.spec))  # before any run dir is touched
+            test_only(executor_for(stage.spec))  # before any run dir is touched
     job_ids: list[str] = []
     try:
         for stage in stages:
@@ -291,7 +273,7 @@ def submit_chain(stages: list[Stage], *, local=False, dry_run=False, force_new=F
     return job_ids
 
 
-def _print_dry_run(spec, local, after, out, heading, slurm_reachable, dependency="afterok", folder=None) -> None:
+def print_dry_run(spec, local, after, out, heading, slurm_reachable, dependency="afterok", folder=None) -> None:
     cluster = "local" if local else "slurm"
     print(f"{heading}# resolved spec", file=out)
     print(dump_spec(spec), file=out)
@@ -333,7 +315,7 @@ def submit_job(spec, local, force_new, *, after, out, job=None) -> submitit.Job:
     return submitted
 
 
-def _test_only(executor) -> None:
+def test_only(executor) -> None:
     """``sbatch --test-only`` on the script submitit would send: a request that can never be met
     (more nodes than the partition has, ...) is refused now, with Slurm's reason, instead of pending forever."""
     script = executor._executor._make_submission_file_text("true", "test-only")
@@ -343,113 +325,3 @@ def _test_only(executor) -> None:
         result = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise UserError(f"the scheduler refused the job: {(result.stderr or result.stdout).strip()}")
-
-
-def _scalar_type(annotation):
-    """int or str for a field of that type (optional or not; a constrained str is a str), else None."""
-    if typing.get_origin(annotation) in (dict, list):
-        return None
-    candidates = [a for a in (annotation, *typing.get_args(annotation)) if a is not type(None)]
-    for candidate in candidates:
-        base = typing.get_args(candidate)[0] if typing.get_origin(candidate) is typing.Annotated else candidate
-        if base in (int, str):
-            return base
-    return None
-
-
-# Resource fields that one command-line word can set; the sections (container, evaluate) and mappings cannot.
-RESOURCE_FLAGS = {name: field for name, field in Resources.model_fields.items()
-                  if _scalar_type(field.annotation) is not None}
-
-
-def _resource_overrides(args) -> list[str]:
-    return [f"resources.{name}={getattr(args, name)}" for name in RESOURCE_FLAGS if getattr(args, name) is not None]
-
-
-def _common_arguments(parser):
-    group = parser.add_argument_group("resources (override the spec's resources section)")
-    for name, field in RESOURCE_FLAGS.items():
-        kind = _scalar_type(field.annotation)
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar="N" if kind is int else "VALUE",
-                           help=f"{field.description} (resources.{name})")
-    parser.add_argument("--local", action="store_true", help="run through submitit's local executor, not Slurm")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved spec and sbatch parameters")
-
-
-def _sweep_arguments(parser):
-    from .sweep import MAX_POINTS
-
-    group = parser.add_argument_group("sweeps (a job array per stage; each point a run in RUN_DIR/<point name>/)")
-    group.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                       help="a grid axis: every point takes each value (several --sweep: every combination)")
-    group.add_argument("--sweep-file", metavar="SWEEP.yaml",
-                       help="`grid:` (KEY: [values]) and/or `points:` (a list of KEY: value mappings)")
-    group.add_argument("--max-parallel", type=_positive, metavar="N",
-                       help="at most N points of a stage run at once (the job array's %%N)")
-    group.add_argument("--max-points", type=_positive, default=MAX_POINTS, metavar="N",
-                       help=f"refuse a sweep of more points (default {MAX_POINTS}: Slurm's default MaxArraySize)")
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
-    return int(text)
-
-
-@guarded("idiff-submit")
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="idiff-submit", description=(
-        "Submit job specs to Slurm via submitit. Several specs form a chain: each job starts once the previous "
-        "one succeeded (afterok), and when one fails or is cancelled Slurm cancels the rest. The chain is "
-        "checked first (`idiff validate --chain` does the same): every path a stage reads is written by an "
-        "earlier stage or exists. In a chain, the resource flags and --set change the training stages only; "
-        "sampling and evaluation keep their specs' resources."))
-    parser.add_argument("specs", nargs="+", metavar="spec", help="job spec YAML; several: a chain, in order")
-    _common_arguments(parser)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--force-new", action="store_true", help="move a run dir of another spec aside")
-    _sweep_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        overrides = [*args.overrides, *_resource_overrides(args)]
-        if args.sweep or args.sweep_file:
-            from .sweep import plan_sweep, submit_sweep
-
-            sweep = plan_sweep(args.specs, overrides, args.sweep, args.sweep_file, local=args.local,
-                               force_new=args.force_new, max_points=args.max_points)
-            submit_sweep(sweep, local=args.local, dry_run=args.dry_run, force_new=args.force_new,
-                         max_parallel=args.max_parallel)
-        else:
-            submit_chain(load_chain(args.specs, overrides), local=args.local, dry_run=args.dry_run,
-                         force_new=args.force_new)
-    except UserError as err:
-        return report(err, "idiff-submit")
-    return 0
-
-
-@guarded("idiff-resume")
-def resume_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="idiff-resume", description=(
-        "Resubmit a run's saved spec after a hard failure or a cancelled job; it continues from the newest "
-        "complete checkpoint. The node count may change: the global batch stays, the per-rank split is recomputed."))
-    parser.add_argument("run_dir", help="the run dir (holds spec.yaml), or a sweep's (holds sweep.json): every "
-                                        "unfinished point")
-    _common_arguments(parser)
-    parser.add_argument("--max-parallel", type=_positive, metavar="N", help="a sweep's points at once (%%N)")
-    args = parser.parse_args(argv)
-    try:
-        from .sweep import is_sweep_dir, resume_sweep
-
-        if is_sweep_dir(args.run_dir):
-            resume_sweep(args.run_dir, _resource_overrides(args), local=args.local, dry_run=args.dry_run,
-                         max_parallel=args.max_parallel)
-            return 0
-        saved = RunDir(args.run_dir).saved_spec()
-        if saved is None:
-            raise UserError(f"{args.run_dir}: not a run dir (no spec.yaml)")
-        spec = parse_spec(apply_overrides({**saved, "run_dir": args.run_dir}, _resource_overrides(args)),
-                          source=f"{args.run_dir}/spec.yaml")
-        submit(spec, local=args.local, dry_run=args.dry_run)
-    except UserError as err:
-        return report(err, "idiff-resume")
-    return 0

@@ -20,13 +20,23 @@ from dataclasses import dataclass
 from .. import storage
 from ..errors import UserError
 from ..jobspec.load import SpecError, load_spec, parse_spec, safe_load_bounded
-from ..run_dir import CHAIN_EVENT, RunDir, claim_run_dir, utc_now
+from ..run_dir import CHAIN_EVENT, SWEEP_FILE, RunDir, claim_run_dir, sweep_record, utc_now
 from .chain import Stage, chain_record, check_chain, reads
+from .submit import (
+    SubmittedJob,
+    check_submittable,
+    destination,
+    executor_for,
+    executor_parameters,
+    print_dry_run,
+    slurm_for,
+    submit_job,
+    test_only,
+)
 
 # Slurm's default MaxArraySize is 1001 (task ids 0..1000). A larger grid: split it into several sweeps (several
 # sweep files, each with its own run_dir), or, where the cluster's MaxArraySize allows, raise --max-points.
 MAX_POINTS = 1000
-SWEEP_FILE = "sweep.json"
 MAX_NAME_BYTES = 200  # a point's folder name; a file system allows 255
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
@@ -219,7 +229,6 @@ def plan_sweep(paths: list[str], overrides: list[str], sweeps: list[str], sweep_
                local=False, force_new=False, max_points: int = MAX_POINTS) -> Sweep:
     """Every point's chain of stages, each checked as a submission checks it; writes nothing."""
     from .chain import load_chain
-    from .submit import check_submittable
 
     points = point_names(grid_points(sweeps, sweep_file, max_points))
     stages = load_chain(paths, overrides)
@@ -263,26 +272,8 @@ def check_sweep_dir(path: str, points: list[Point]) -> None:
                         f"give this one another run_dir, or continue that one with `idiff-resume {path}`")
 
 
-def sweep_record(path: str) -> dict:
-    """The ``sweep.json`` of a stage's run dir; UserError naming it when it is unreadable."""
-    file = storage.join(path, SWEEP_FILE)
-    try:
-        record = json.loads(storage.read_text(file))
-        assert isinstance(record, dict) and isinstance(record["points"], list)
-        assert all(isinstance(p["name"], str) and "/" not in p["name"] and p["name"] not in (".", "..")
-                   for p in record["points"])
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{file}: not a readable sweep record") from None
-    return record
-
-
-def is_sweep_dir(path: str) -> bool:
-    return storage.exists(storage.join(path, SWEEP_FILE))
-
-
 def _check_one_allocation(stages, points, chains, local) -> None:
     """A job array asks for one allocation size: a sweep key may not change a stage's resources."""
-    from .submit import executor_parameters
 
     cluster = "local" if local else "slurm"
     for stage in stages:
@@ -321,7 +312,6 @@ def submit_array(specs: list, base: str, *, force_new=False, after: str | None =
                  out) -> list[str]:
     """Take every spec's run dir and submit the specs as one Slurm job array, its submitit folders in
     ``base/slurm/``; task i waits on task i of the array ``after`` (aftercorr). Returns the tasks' job ids."""
-    from .submit import SubmittedJob, executor_for
 
     for spec in specs:
         claim_run_dir(spec, force_new)
@@ -344,7 +334,6 @@ def submit_array(specs: list, base: str, *, force_new=False, after: str | None =
 def run_here(chains: list[list[Stage]], *, force_new=False, out) -> int:
     """--local: each point's stages through submitit's local executor, one after another; a point whose stage
     fails skips its later stages, and the others go on. Returns how many points failed."""
-    from .submit import submit_job
 
     failed = 0
     for chain in chains:
@@ -363,7 +352,6 @@ def submit_sweep(sweep: Sweep, *, local=False, dry_run=False, force_new=False, m
                  out=None) -> list[list[str]]:
     """Submit every stage of ``sweep`` as a job array (--local: run the points here, one after another); returns
     each stage's task job ids (none for a dry run or --local)."""
-    from .submit import _print_dry_run, _test_only, destination, executor_for, slurm_for
 
     out = out or sys.stdout
     unreachable = slurm_for(local, dry_run)
@@ -379,7 +367,7 @@ def submit_sweep(sweep: Sweep, *, local=False, dry_run=False, force_new=False, m
                 and not os.path.exists(s.spec.run_dir)]  # submitit makes its folder when the executor is made
         for stage in sweep.chains[0]:
             after = f"<the job array of stage {stage.number - 1}>" if stage.number > 1 else None
-            _print_dry_run(stage.spec, local, after, out, f"# {stage.label}, first point\n",
+            print_dry_run(stage.spec, local, after, out, f"# {stage.label}, first point\n",
                            slurm_reachable=not unreachable, dependency="aftercorr",
                            folder=None if local else array_folder(sweep.stages[stage.number - 1].spec.run_dir))
             if not local:
@@ -395,7 +383,7 @@ def submit_sweep(sweep: Sweep, *, local=False, dry_run=False, force_new=False, m
             raise UserError(f"{failed} of {n} sweep point(s) failed (above); the others completed")
         return []
     for stage in sweep.chains[0]:
-        _test_only(executor_for(stage.spec))  # before any run dir is touched
+        test_only(executor_for(stage.spec))  # before any run dir is touched
     arrays: list[list[str]] = []
     try:
         for stage in sweep.stages:
@@ -454,7 +442,6 @@ def resume_sweep(sweep_dir: str, resource_overrides: list[str], *, local=False, 
     """``idiff-resume SWEEP_DIR``: submit the unfinished points of a sweep's stage again, as one job array (--local:
     here, one after another); each continues from its newest complete checkpoint. Returns the tasks' job ids."""
     from ..jobspec.load import apply_overrides
-    from .submit import _test_only, executor_for, slurm_for
 
     out = out or sys.stdout
     record = sweep_record(sweep_dir)
@@ -481,7 +468,7 @@ def resume_sweep(sweep_dir: str, resource_overrides: list[str], *, local=False, 
         if failed:
             raise UserError(f"{failed} of {len(specs)} resumed point(s) failed (above)")
         return []
-    _test_only(executor_for(specs[0]))
+    test_only(executor_for(specs[0]))
     tasks = submit_array(specs, sweep_dir, max_parallel=max_parallel, out=out)
     _add_array(sweep_dir, tasks)
     return tasks

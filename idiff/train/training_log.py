@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -286,3 +288,34 @@ def _csv_step(line: str, column: int):
 def _logged_step(value, step: int) -> bool:
     """A row to keep: it holds a step, and not one after ``step``."""
     return isinstance(value, int) and value <= step
+
+
+LOG_TAIL_BYTES = 1 << 16  # the last rows of log.jsonl: enough for the latest, whatever the run's length
+
+
+def last_log_row(run_dir: RunDir) -> dict | None:
+    """The newest row of log.jsonl, reading only the file's tail; unreadable lines in it are counted in a warning,
+    as a whole read would (storage.read_jsonl)."""
+    path = run_dir.log_file
+    if not storage.exists(path):
+        return None
+    if storage.is_remote(path):
+        lines = storage.read_appended(path).splitlines()
+    else:
+        with storage.open_for_reading(path) as f:
+            start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
+            f.seek(start)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line
+    rows, bad = [], 0
+    for line in filter(str.strip, lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and is_log_row(row):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+    return rows[-1] if rows else None
