@@ -212,10 +212,12 @@ def test_chain_runs_its_stages_in_order_and_status_follows_it(tmp_path, shapes_d
     assert len(jobs) == 3 and f"chain of 3 jobs: {' -> '.join(jobs)}" in out
     wait_for_step(run_dirs[0], 1)
     status = idiff("status", run_dirs[1]).stdout  # any stage's run dir shows the whole chain
-    assert status.startswith("chain of 3 jobs: running stage 1 of 3 (train chain_train)"), status
-    assert f"slurm job {jobs[0]}: RUNNING, 0 restart(s)" in status
-    assert f"slurm job {jobs[1]}: PENDING (Dependency)" in status
     print(status)  # pytest -s shows what a running chain looks like
+    # Only what holds whatever the timing: on a busy machine stage 1's 4 steps may be over by now.
+    assert re.match(r"chain of 3 jobs: (running stage [123] of 3 \(|finished)", status), status
+    if f"slurm job {jobs[0]}: RUNNING" in status:
+        assert status.startswith("chain of 3 jobs: running stage 1 of 3 (train chain_train)"), status
+        assert f"slurm job {jobs[1]}: PENDING (Dependency)" in status
     assert wait_state(jobs[2], {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", job_log(run_dirs[2], jobs[2])
     assert [state(job) for job in jobs] == ["COMPLETED"] * 3
     times = [sacct_times(job) for job in jobs]
