@@ -99,7 +99,7 @@ def _run(args, argv) -> int:
 
         check_run_dir(spec, args.force_new)  # fail before starting anything
         return run_local_ranks(_without_nproc(argv), args.nproc)
-    with PreemptionFlag() as flag:
+    with PreemptionFlag(announce=env.is_main) as flag:
         status = run_job(hooks_for(spec, env, force_new=args.force_new, preemption=flag))
     return exit_code(status, flag.received)
 

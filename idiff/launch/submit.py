@@ -50,8 +50,8 @@ class SubmittedJob(submitit.helpers.Checkpointable):
         self.spec_data = spec_data
 
     def __call__(self):
-        flag = PreemptionFlag().install()  # after submitit's handlers: ours win
         env = rank_env_from_submitit()
+        flag = PreemptionFlag(announce=env.is_main).install()  # after submitit's handlers: ours win
         spec = parse_spec(self.spec_data, source="submitted spec")
         # idiff-submit took the run dir (moving an old run aside if asked) before the job existed: every
         # start, requeues included, resumes that run.

@@ -23,8 +23,9 @@ class PreemptionFlag:
     """Installed in the main thread; the first signal wins. Later ones (a second Ctrl-C, the copy of a
     group signal that a launcher forwards, one during the save) change nothing."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.received: str | None = None
+        self.announce = announce  # rank 0 says what it received; every rank acts on it
         self._previous = {}
         # Python may run a handler inside another one (a signal and its forwarded copy arrive together): a
         # check-then-set of ``received`` would let both through, so the first takes this lock and keeps it.
@@ -44,8 +45,9 @@ class PreemptionFlag:
         if not self._first.acquire(blocking=False):
             return
         self.received = signal.Signals(signum).name
-        print(f"idiff: received {self.received}; will checkpoint at the next step boundary", file=sys.stderr,
-              flush=True)
+        if self.announce:
+            print(f"idiff: received {self.received}; will checkpoint at the next step boundary", file=sys.stderr,
+                  flush=True)
 
     def __enter__(self):
         return self.install()
