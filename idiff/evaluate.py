@@ -9,7 +9,6 @@ checked before the run dir is taken, so a bad spec writes nothing.
 
 import io
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,21 +80,22 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
     covered = complete_ranges(parts_dir, part_arrays, env)
     todo = [part for a, b in rank_ranges(setup.num, e.batch_size, env.rank, env.world_size)
             for part in missing_parts(a, b, covered)]
-    show = env.is_main and sys.stderr.isatty()
-    # One line per part where no terminal shows a bar: rank 0's parts, whose pace is every rank's.
-    progress = Progress(sum(b - a for a, b in todo), desc="nll", unit="img", enabled=env.is_main, every=1)
+    # Counted in timesteps, since one part (a batch of images through all T of them) can take minutes: a bar on a
+    # terminal, else a line every twentieth of rank 0's work, whose pace is every rank's.
+    steps = setup.diffusion.num_timesteps
+    progress = Progress(len(todo) * steps, desc="nll", unit="step", enabled=env.is_main)
     bpd_sum, images = 0.0, 0  # rank 0's running mean, for the progress line
     for start, end in todo:
         if hooks.should_suspend():
             break  # parts written so far are kept; a rerun continues from them
-        out = {k: v.cpu().numpy() for k, v in _nll_part(setup, e, env.device, start, end, show).items()}
+        out = {k: v.cpu().numpy() for k, v in _nll_part(setup, e, env.device, start, end, progress.update).items()}
         # Per image: the bpd; per timestep: sums over the part's images, so that the merge stays small.
         part = {"total_bpd": out["total_bpd"], "prior_bpd": out["prior_bpd"],
                 **{f"{k}_sum": out[k].sum(axis=0, dtype=np.float64) for k in PER_TIMESTEP_TERMS}}
         layout = part_arrays(start, end)
         write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
         bpd_sum, images = bpd_sum + float(out["total_bpd"].sum()), images + end - start
-        progress.update(end - start, bpd=bpd_sum / images)
+        progress.update(0, bpd=bpd_sum / images, images=images)
     progress.close()
     return finish_sharded_job(env, hooks, lambda: _merge_nll(parts_dir, setup.num, run_dir,
                                                              setup.diffusion.num_timesteps))
@@ -110,7 +110,7 @@ def _nll_part_arrays(num_timesteps: int):
     return arrays_of
 
 
-def _nll_part(setup: _NllSetup, e, device, start, end, progress: bool) -> dict:
+def _nll_part(setup: _NllSetup, e, device, start, end, progress) -> dict:
     """calc_bpd_loop over images [start, end): each image's noise comes from its own generator."""
     examples = [setup.dataset[i] for i in range(start, end)]
     x = torch.from_numpy(np.stack([ex.image for ex in examples])).to(device)

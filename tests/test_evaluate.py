@@ -1,6 +1,7 @@
 """Evaluate jobs: NLL over ranks, and FID / IS / precision-recall through torch-fidelity's real loading path."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,11 @@ def test_nll_over_two_ranks_equals_one_rank(trained, shapes_dir):
     results = {}
     for nproc in (1, 2):
         spec_path, run_dir = evaluate_spec(trained["root"], f"nll-{nproc}", **options)
-        idiff("evaluate", spec_path, "--nproc", nproc)
+        stderr = idiff("evaluate", spec_path, "--nproc", nproc).stderr
+        # Progress in timesteps, a line every twentieth of rank 0's (not a terminal): a part of 4 images through
+        # 50 timesteps is not minutes of silence.
+        lines = re.findall(r"^nll: step (\d+)/(\d+) ", stderr, re.M)
+        assert len(lines) >= 10 and lines[-1][0] == lines[-1][1] and int(lines[-1][1]) % 50 == 0, stderr
         nll = json.loads((run_dir / "eval" / "nll.json").read_text())
         assert json.loads((run_dir / "metrics.json").read_text()) == {"nll": nll}
         with np.load(run_dir / "eval" / "nll_terms.npz") as data:

@@ -15,9 +15,18 @@ from tqdm.auto import tqdm
 from .ode_samplers import dpmpp_2m, dpmpp_3m, heun
 
 
-def reversed_steps(num_timesteps: int, progress: bool = False):
+def reversed_steps(num_timesteps: int, progress=False):
+    """T-1 ... 0; ``progress``: True for a tqdm bar, or a function called with 1 after each step is done."""
     steps = range(num_timesteps - 1, -1, -1)
+    if callable(progress):
+        return _counted(steps, progress)
     return tqdm(steps, desc="sampling", leave=False) if progress else steps
+
+
+def _counted(steps, done):
+    for step in steps:
+        yield step
+        done(1)
 
 
 def _loop(step_method, diffusion, model, x, *, progress, **step_kwargs):
