@@ -87,9 +87,19 @@ def time_grid(diffusion, points: int, spacing: str) -> list[float]:
     return [float(last), *inner, 0.0]  # the ends exactly, not as round trips through log sigma
 
 
-def _grid(diffusion, times, progress):
+def grid_levels(diffusion, times, progress):
+    """The Levels of chain ``times``, behind a progress bar when ``progress``."""
     levels = [level_at(diffusion, t) for t in times]
     return tqdm(levels, desc="sampling", leave=False) if progress else levels
+
+
+def denoiser(diffusion, model, *, clip_denoised, denoised_fn, model_kwargs):
+    """``D(x, level)``: the model's x_0 prediction at a grid point, as every solver here evaluates it."""
+    def denoise(x, level):
+        with torch.no_grad():
+            return diffusion.denoise(model, x, level.t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                     model_kwargs=model_kwargs)
+    return denoise
 
 
 def _multistep_weights(history: list[Level], there: Level) -> list[float]:
@@ -124,12 +134,12 @@ def dpm_solver_pp(diffusion, model, x, *, order, steps=None, spacing=None, times
     (descending from K-1 to 0) instead of ``steps`` and ``spacing``."""
     del noise_fn  # deterministic: the signature is the samplers' one
     times = times or time_grid(diffusion, steps or diffusion.num_timesteps, resolve_spacing(spacing, steps))
-    grid = list(_grid(diffusion, times, progress))
+    grid = list(grid_levels(diffusion, times, progress))
+    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                       model_kwargs=model_kwargs)
     history, predictions = [], []
     for i, here in enumerate(grid):
-        with torch.no_grad():
-            denoised = diffusion.denoise(model, x, here.t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                         model_kwargs=model_kwargs)
+        denoised = denoise(x, here)
         history, predictions = (history + [here])[-order:], ([denoised] + predictions)[:order]
         if i + 1 == len(grid):
             x = denoised
@@ -154,20 +164,17 @@ def dpmpp_3m(diffusion, model, x, **kwargs):
 def heun(diffusion, model, x, *, steps=None, spacing=None, times=None, clip_denoised=True,
          denoised_fn=None, model_kwargs=None, noise_fn=None, progress=False):
     """Heun's second-order method in sigma on x / alpha (Karras et al. 2022, Algorithm 1 without churn).
-    ``times``: the grid's chain times themselves, every step a Heun step."""
+    ``times``: the grid's chain times themselves (``points_for("heun", steps)`` of them with ``steps``; without,
+    every step a Heun step)."""
     del noise_fn
-    evaluations = steps or diffusion.num_timesteps
     if times is None:
+        evaluations = steps or diffusion.num_timesteps
         times = time_grid(diffusion, evaluations // 2 + 1, resolve_spacing(spacing, steps))
     else:
-        evaluations = 2 * len(times) - 1
-    grid = list(_grid(diffusion, times, progress))
-
-    def denoise(x, level):
-        with torch.no_grad():
-            return diffusion.denoise(model, x, level.t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                     model_kwargs=model_kwargs)
-
+        evaluations = steps or 2 * len(times) - 1
+    grid = list(grid_levels(diffusion, times, progress))
+    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                       model_kwargs=model_kwargs)
     for i, here in enumerate(grid):
         denoised = denoise(x, here)
         if i + 1 == len(grid):

@@ -16,9 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, 
 
 from ..diffusion.ode_samplers import SPACINGS, resolve_spacing
 from ..diffusion.respace import parse_respacing, space_timesteps
-from ..diffusion.samplers import MIN_STEPS, ODE_SAMPLERS, SAMPLERS
+from ..diffusion.samplers import MAX_SOLVER_ORDER, MIN_STEPS, ODE_SAMPLERS, SAMPLERS
 from ..diffusion.schedules import SCHEDULES, get_named_beta_schedule
 from ..diffusion.timestep_sampler import SCHEDULE_SAMPLERS
+from ..diffusion.unipc import VARIANTS as UNIPC_VARIANTS
 from ..errors import brief
 from ..models.architecture import attention_factors, parse_channel_mult
 
@@ -231,8 +232,11 @@ class SampleSection(ModelSource):
     timestep_respacing: str = Field("", description="sampling chain, e.g. '250' or 'ddim50'; '' = all steps")
     eta: float = Field(0.0, ge=0, description="DDIM noise scale")
     sampler: Literal[tuple(SAMPLERS)] | None = Field(None, description=(
-        "ancestral, ddim, or a deterministic ODE solver (dpmpp_2m, dpmpp_3m, heun); none = ancestral, or ddim "
-        "with use_ddim"))
+        "ancestral, ddim, or a deterministic ODE solver (dpmpp_2m, dpmpp_3m, heun, unipc, ipndm); none = "
+        "ancestral, or ddim with use_ddim"))
+    solver_order: int | None = Field(None, ge=1, le=4, description=(
+        "unipc: its predictor's order, 1-3 (the corrector adds one; default 2); ipndm: 1-4 (default 4)"))
+    unipc_variant: Literal[UNIPC_VARIANTS] = Field("bh2", description="unipc's B(h): bh1 = h, bh2 = e^h - 1")
     steps: PositiveInt | None = Field(None, description=(
         "model evaluations per image; ancestral/ddim: the same as timestep_respacing 'N'; none = one per step of "
         "the chain"))
@@ -260,6 +264,16 @@ class SampleSection(ModelSource):
             raise ValueError(f"use_ddim: true means sampler ddim, not {value}; set one of them")
         if value in ODE_SAMPLERS and info.data.get("eta"):
             raise ValueError(f"{value} draws no noise: eta (DDIM's noise scale) must be 0, got {info.data['eta']}")
+        return value
+
+    @field_validator("solver_order")
+    @classmethod
+    def _order_of_a_solver(cls, value, info):
+        sampler = info.data.get("sampler")
+        if value is not None and value > MAX_SOLVER_ORDER.get(sampler, 0):
+            if sampler not in MAX_SOLVER_ORDER:
+                raise ValueError(f"solver_order is for {' and '.join(MAX_SOLVER_ORDER)}, not {sampler}")
+            raise ValueError(f"{sampler} takes orders 1 to {MAX_SOLVER_ORDER[sampler]}, got {value}")
         return value
 
     @field_validator("steps")
@@ -310,7 +324,12 @@ class SampleSection(ModelSource):
         if self.sampler_name == "ddim":
             return {"eta": self.eta}
         if self.sampler_name in ODE_SAMPLERS:
-            return {"steps": self.steps, "spacing": resolve_spacing(self.spacing, self.steps)}
+            options = {"steps": self.steps, "spacing": resolve_spacing(self.spacing, self.steps)}
+            if self.solver_order is not None:
+                options["order"] = self.solver_order
+            if self.sampler_name == "unipc":
+                options["variant"] = self.unipc_variant
+            return options
         return {}
 
     @property
