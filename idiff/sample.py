@@ -18,11 +18,13 @@ from . import storage, weights
 from .collect import collect
 from .diffusion import samplers
 from .diffusion.draw import draw_images
+from .diffusion.ode_samplers import points_for, time_grid
 from .dist.env import RankEnv
 from .dist.signals import any_rank
 from .errors import UserError
 from .progress import Progress
 from .shards import complete_ranges, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
+from .tuned_schedule import read_schedule
 
 
 def labels_for(indices, mode, num_classes):
@@ -44,6 +46,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
                         f"({source.flags['diffusion_steps']})")
     model, diffusion = source.build(env.device, timestep_respacing=s.chain_respacing)
     _check_chain_length(s, diffusion.num_timesteps)
+    sampler_options = _sampler_options(s, source.path, diffusion)
     flags = source.flags
     super_res = flags.get("large_size") is not None
     image_size = flags["large_size"] if super_res else flags["image_size"]
@@ -83,7 +86,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
             if class_cond:
                 labels = base["arr_1"][start:end].tolist()
         images, labels = draw_images(model, diffusion, indices, seed=s.seed, image_size=image_size,
-                                     sampler=s.sampler_name, sampler_options=s.sampler_options,
+                                     sampler=s.sampler_name, sampler_options=sampler_options,
                                      clip_denoised=s.clip_denoised, labels=labels, num_classes=num_classes,
                                      low_res=low_res, precision=s.precision, device=env.device)
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
@@ -106,6 +109,19 @@ def _check_chain_length(s, chain_length) -> None:
         field = "sample.timestep_respacing" if s.timestep_respacing else "diffusion.diffusion_steps"
         raise UserError(f"{field}: the chain has {chain_length} steps, but {s.sampler_name} needs at least {needed} "
                         f"to take one step of its order")
+
+
+def _sampler_options(s, model_path, diffusion) -> dict:
+    """The sampler's options, with the chain times of ``sample.schedule``; checks that an ODE solver's steps fit."""
+    options = dict(s.sampler_options)
+    if s.schedule:
+        options["times"] = read_schedule(s.schedule, s, model_path, diffusion)
+    elif s.sampler_name in samplers.ODE_SAMPLERS and s.steps:
+        try:
+            time_grid(diffusion, points_for(s.sampler_name, s.steps), options["spacing"])
+        except ValueError as err:
+            raise UserError(f"sample.steps: {err}") from None
+    return options
 
 
 def _check_class_labels(class_labels, class_cond, num_classes) -> None:

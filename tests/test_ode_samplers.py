@@ -14,7 +14,7 @@ import idiff
 from idiff.cli import main as idiff_main
 from idiff.diffusion import samplers
 from idiff.diffusion.draw import draw_samples
-from idiff.diffusion.ode_samplers import SPACINGS, dpm_solver_pp
+from idiff.diffusion.ode_samplers import SPACINGS, chain_start, dpm_solver_pp
 from idiff.factory import create_gaussian_diffusion
 
 ORDERS = {"dpmpp_2m": 2, "dpmpp_3m": 3, "heun": 2, "unipc": 3, "ipndm": 4}  # at their default options
@@ -51,10 +51,12 @@ class GaussianData:
         return torch.cat([eps, torch.full_like(eps, 1e3)], dim=1)
 
     def exact(self, x_T):
-        """The ODE from the chain's first step to step 0, then the final step to x_0 that every sampler takes."""
-        last = self.diffusion.num_timesteps - 1
-        (a_T, s_T), (a_0, s_0) = self.levels(last), self.levels(0)
-        z = (x_T - a_T * self.mu) / torch.sqrt(a_T**2 * self.std**2 + s_T**2)
+        """The ODE from the grids' start, where x_T arrives as (s_start / s_(K-1)) x_T, to step 0, then the final
+        step to x_0 that every sampler takes."""
+        start, last = chain_start(self.diffusion), self.diffusion.num_timesteps - 1
+        (a_T, s_T), (a_0, s_0) = self.levels(start), self.levels(0)
+        x_start = s_T / self.levels(last)[1] * x_T
+        z = (x_start - a_T * self.mu) / torch.sqrt(a_T**2 * self.std**2 + s_T**2)
         return self.x_start(a_0 * self.mu + torch.sqrt(a_0**2 * self.std**2 + s_0**2) * z, 0)
 
 
@@ -87,11 +89,32 @@ def test_steps_is_the_number_of_model_evaluations(name):
         times.append(float(timesteps[0]))
         return data.eps_model(x, timesteps)
 
-    for steps in (4, 5, 20, 100):
+    for steps in (4, 5, 20, 99):  # time_uniform spaces steps 0..98: at most 99
         times.clear()
         run(name, diffusion, counting_model, x_T, steps=steps, spacing="time_uniform")
         assert len(times) == steps
-        assert times[0] == 99 and times[-1] == 0  # from x_T's step down to step 0, where x_0 is predicted
+        # From the grids' start (the last step above lambda -5.1: the cosine schedule's step 99 lies at -7.6) down
+        # to step 0, where x_0 is predicted.
+        assert times[0] == chain_start(diffusion) == 98 and times[-1] == 0
+
+
+@pytest.mark.parametrize("name", ORDERS)
+def test_the_grid_starts_below_the_clipped_noise_levels_with_x_T_carried_there(name):
+    diffusion, data, x_T = gaussian_problem("cosine", 100)
+    inputs = []
+
+    def recording_model(x, timesteps):
+        inputs.append((float(timesteps[0]), x.clone()))
+        return data.eps_model(x, timesteps)
+
+    run(name, diffusion, recording_model, x_T.clone(), steps=6)
+    s_98, s_99 = (data.levels(t)[1] for t in (98, 99))
+    assert inputs[0][0] == 98
+    torch.testing.assert_close(inputs[0][1], x_T * (s_98 / s_99), atol=1e-12, rtol=0)
+    if name != "heun":  # without steps the multistep solvers step through the whole chain, as DDIM does
+        inputs.clear()
+        run(name, diffusion, recording_model, x_T.clone())
+        assert inputs[0][0] == 99 and torch.equal(inputs[0][1], x_T)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -10,7 +10,7 @@ same numbers on a uniform grid, and the nominal order on any smooth grid, spacin
 
 import numpy as np
 
-from .ode_samplers import denoiser, grid_levels, resolve_spacing, time_grid
+from .ode_samplers import denoiser, enter_grid, grid_levels, solver_times
 
 MAX_ORDER = 4
 _NODES, _QUADRATURE_WEIGHTS = np.polynomial.legendre.leggauss(MAX_ORDER)  # exact for degree < 2 MAX_ORDER
@@ -34,7 +34,8 @@ def ipndm(diffusion, model, x, *, order=MAX_ORDER, steps=None, spacing=None, tim
     del noise_fn
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"iPNDM takes order 1 to {MAX_ORDER}, got {order}")
-    times = times or time_grid(diffusion, steps or diffusion.num_timesteps, resolve_spacing(spacing, steps))
+    times = solver_times(diffusion, steps, spacing, times)
+    x = enter_grid(diffusion, x, times[0])
     grid = list(grid_levels(diffusion, times, progress))
     denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                        model_kwargs=model_kwargs)

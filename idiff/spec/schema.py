@@ -243,6 +243,9 @@ class SampleSection(ModelSource):
     spacing: Literal[SPACINGS] | None = Field(None, description=(
         "where an ODE solver's steps go: IDDPM's evenly spaced timesteps, uniform in log-SNR, or Karras rho=7; "
         "none = logsnr_uniform with steps, else the chain's own steps (ancestral and ddim: time_uniform only)"))
+    schedule: str | None = Field(None, description=(
+        "an ODE solver's chain times from `idiff tune-schedule` (a SCHEDULE.json), instead of spacing; only for "
+        "the model, sampler and steps it was tuned for"))
     clip_denoised: bool = Field(True, description="clip predicted x_0 to [-1, 1]")
     class_labels: Literal["random", "balanced"] | list[int] = Field(
         "random", description="class-conditional models: 'random', 'balanced' (round robin) or a list cycled")
@@ -298,6 +301,17 @@ class SampleSection(ModelSource):
                              f"the chain's own steps (time_uniform)")
         return value
 
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_of_an_ode_sampler(cls, value, info):
+        sampler = info.data.get("sampler")
+        if value is not None and (sampler not in ODE_SAMPLERS or not info.data.get("steps")):
+            raise ValueError(f"a tuned schedule is for an ODE solver ({', '.join(ODE_SAMPLERS)}) with steps, the "
+                             f"ones it was tuned for")
+        if value is not None and info.data.get("spacing"):
+            raise ValueError("schedule and spacing both place the steps; set one of them")
+        return value
+
     @model_validator(mode="after")
     def _source(self):
         self._check_source("sampling")
@@ -336,7 +350,7 @@ class SampleSection(ModelSource):
     def sampling(self) -> str:
         """How images are drawn, in words: 'dpmpp_2m 20 steps logsnr_uniform', 'ddim ddim50', 'ancestral all steps'."""
         chain = f"{self.steps} steps" if self.steps else self.timestep_respacing or "all steps"
-        spacing = self.sampler_options.get("spacing")
+        spacing = f"schedule {self.schedule}" if self.schedule else self.sampler_options.get("spacing")
         return f"{self.sampler_name} {chain}" + (f" {spacing}" if spacing else "")
 
 
