@@ -10,7 +10,7 @@ same numbers on a uniform grid, and the nominal order on any smooth grid, spacin
 
 import numpy as np
 
-from .ode_samplers import denoiser, enter_grid, grid_levels, solver_times
+from .ode_samplers import begin_solve, solver_times
 
 MAX_ORDER = 4
 _NODES, _QUADRATURE_WEIGHTS = np.polynomial.legendre.leggauss(MAX_ORDER)  # exact for degree < 2 MAX_ORDER
@@ -34,11 +34,9 @@ def ipndm(diffusion, model, x, *, order=MAX_ORDER, steps=None, spacing=None, tim
     del noise_fn
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"iPNDM takes order 1 to {MAX_ORDER}, got {order}")
-    times = solver_times(diffusion, steps, spacing, times)
-    x = enter_grid(diffusion, x, times[0])
-    grid = list(grid_levels(diffusion, times, progress))
-    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                       model_kwargs=model_kwargs)
+    x, grid, denoise = begin_solve(diffusion, model, x, solver_times(diffusion, steps, spacing, times),
+                                   progress=progress, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
     ts, slopes = [], []  # newest first: t = sigma / alpha at the earlier points, and eps there
     for i, here in enumerate(grid):
         denoised = denoise(x, here)

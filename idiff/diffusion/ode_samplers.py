@@ -134,6 +134,12 @@ def grid_levels(diffusion, times, progress):
     return tqdm(levels, desc="sampling", leave=False) if progress else levels
 
 
+def begin_solve(diffusion, model, x_T, times, *, progress, clip_denoised, denoised_fn, model_kwargs):
+    """What every solver begins with: x at the grid's first time (``enter_grid``), the grid's Levels, and D."""
+    return (enter_grid(diffusion, x_T, times[0]), list(grid_levels(diffusion, times, progress)),
+            denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs))
+
+
 def denoiser(diffusion, model, *, clip_denoised, denoised_fn, model_kwargs):
     """``D(x, level)``: the model's x_0 prediction at a grid point, as every solver here evaluates it."""
     def denoise(x, level):
@@ -174,11 +180,9 @@ def dpm_solver_pp(diffusion, model, x, *, order, steps=None, spacing=None, times
     The first steps use the lower orders their history allows. ``times``: the grid's chain times themselves
     (descending from K-1 to 0) instead of ``steps`` and ``spacing``."""
     del noise_fn  # deterministic: the signature is the samplers' one
-    times = solver_times(diffusion, steps, spacing, times)
-    x = enter_grid(diffusion, x, times[0])
-    grid = list(grid_levels(diffusion, times, progress))
-    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                       model_kwargs=model_kwargs)
+    x, grid, denoise = begin_solve(diffusion, model, x, solver_times(diffusion, steps, spacing, times),
+                                   progress=progress, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
     history, predictions = [], []
     for i, here in enumerate(grid):
         denoised = denoise(x, here)
@@ -214,10 +218,8 @@ def heun(diffusion, model, x, *, steps=None, spacing=None, times=None, clip_deno
         times = time_grid(diffusion, evaluations // 2 + 1, resolve_spacing(spacing, steps))
     else:
         evaluations = steps or 2 * len(times) - 1
-    x = enter_grid(diffusion, x, times[0])
-    grid = list(grid_levels(diffusion, times, progress))
-    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                       model_kwargs=model_kwargs)
+    x, grid, denoise = begin_solve(diffusion, model, x, times, progress=progress, clip_denoised=clip_denoised,
+                                   denoised_fn=denoised_fn, model_kwargs=model_kwargs)
     for i, here in enumerate(grid):
         denoised = denoise(x, here)
         if i + 1 == len(grid):

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .ode_samplers import Level, denoiser, enter_grid, grid_levels, solver_times
+from .ode_samplers import Level, begin_solve, solver_times
 
 VARIANTS = ("bh1", "bh2")
 
@@ -67,11 +67,9 @@ def unipc(diffusion, model, x, *, order=2, variant="bh2", steps=None, spacing=No
     del noise_fn
     if order not in (1, 2, 3) or variant not in VARIANTS:
         raise ValueError(f"UniPC takes order 1, 2 or 3 and variant {' or '.join(VARIANTS)}, got {order}, {variant}")
-    times = solver_times(diffusion, steps, spacing, times)
-    x = enter_grid(diffusion, x, times[0])
-    grid = list(grid_levels(diffusion, times, progress))
-    denoise = denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                       model_kwargs=model_kwargs)
+    x, grid, denoise = begin_solve(diffusion, model, x, solver_times(diffusion, steps, spacing, times),
+                                   progress=progress, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                   model_kwargs=model_kwargs)
     history, predictions, x_before = [], [], None
     for i, here in enumerate(grid):
         denoised = denoise(x, here)
