@@ -64,7 +64,7 @@ def load(run: str):
                        "sample": {"from_run": run}})
     source = weights.resolve(spec, spec.sample)
     model, diffusion = source.build("cpu", timestep_respacing="")
-    return model, diffusion, source.flags
+    return model, diffusion, source.flags, Path(source.path).name
 
 
 class Drawer:
@@ -136,7 +136,7 @@ def run(args):
         args.run = "runs/demo"
         train_demo(args.run)
     torch.set_num_threads(args.threads)
-    model, diffusion, flags = load(args.run)
+    model, diffusion, flags, weights_file = load(args.run)
     clip = not args.no_clip
     draw = Drawer(model, diffusion, flags, args.images, clip, HELD_OUT_SEED)
     print(f"{args.run}: T={diffusion.num_timesteps} {flags['noise_schedule']}, {args.images} held-out images and "
@@ -159,7 +159,8 @@ def run(args):
     tuned, cost = tune(model, diffusion, flags, args, clip)
     cost["seconds"] = time.perf_counter() - start
     print(f"tuning: {len(tuned)} schedules on {args.warmup} warm-up images in {cost['seconds']:.0f} s", flush=True)
-    report = {"run": args.run, "images": args.images, "image_size": flags["image_size"], "threads": args.threads,
+    report = {"run": args.run, "weights": weights_file, "images": args.images, "image_size": flags["image_size"],
+              "threads": args.threads,
               "diffusion_steps": diffusion.num_timesteps, "noise_schedule": flags["noise_schedule"],
               "clip_denoised": clip, "nfe": args.nfe, "torch": torch.__version__,
               "python": platform.python_version(), "reference": ref, "tuning": cost, "results": []}
@@ -230,8 +231,8 @@ def goals(report) -> list[str]:
 def markdown(report) -> str:
     nfe, ref, tuning = report["nfe"], report["reference"], report["tuning"]
     settings = (
-        f"Model `{report['run']}` (T={report['diffusion_steps']}, {report['noise_schedule']} schedule, learned "
-        f"sigmas, class-conditional), {report['images']} held-out images (seed {HELD_OUT_SEED}) of "
+        f"Model `{report['run']}`, `{report['weights']}` (T={report['diffusion_steps']}, {report['noise_schedule']} "
+        f"schedule, learned sigmas, class-conditional), {report['images']} held-out images (seed {HELD_OUT_SEED}) of "
         f"{report['image_size']}px, EMA weights, clip_denoised={str(report['clip_denoised']).lower()}, "
         f"{report['threads']} threads, torch {report['torch']}. Reference: DPM-Solver++(3M), {ref['steps']} steps "
         f"uniform in log-SNR from the grids' start. Its RMSE to the same solve with half as many steps is "

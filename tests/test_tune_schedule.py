@@ -61,7 +61,7 @@ def test_tuning_is_deterministic_and_depends_on_its_warm_up_images():
 
 def test_on_gaussian_data_the_dynamic_programme_beats_the_fixed_spacings_at_few_steps():
     _, _, result = gaussian_tuning("dpmpp_2m", 5)
-    assert result.candidates["dynamic_programming"] < 0.5 * result.candidates["logsnr_uniform"], result.candidates
+    assert result.candidates["dp_order_1"] < 0.5 * result.candidates["logsnr_uniform"], result.candidates
 
 
 # ------------------------------------------------------------------------------ the command and sample.schedule

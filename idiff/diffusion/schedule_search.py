@@ -6,20 +6,22 @@ a fine grid, then the sampler itself as the judge.
 
 1. A reference trajectory: DPM-Solver++(3M) on ``fine_points`` chain times uniform in log-SNR from the grids'
    start to step 0, from each warm-up x_T; its states x_i and x_0 predictions D_i at every fine time are kept.
-2. The cost of going from fine time i to fine time j in one step is the RMSE of the DDIM step from (x_i, D_i)
-   to t_j against x_j: it needs only the D_i already computed, so every pair costs arithmetic, no model evaluation.
-3. Dynamic programming finds the path from the start to step 0 with exactly as many points as ``steps`` allows
-   (``points_for``) whose summed local cost is smallest: the exact optimum over the fine grid, in O(points x
-   fine_points^2) arithmetic.
-4. That path and the fixed spacings (logsnr_uniform, karras, time_uniform) run with the sampler itself on the
-   warm-up images; the one ending closest to the reference is kept, with every candidate's error recorded.
+2. The cost of going from fine time i to fine time j in one step is the RMSE against x_j of one step from x_i:
+   DDIM's (D held at D_i, GITS' cost) and a second-order one (D linear in lambda between D_i and D_j). Both use
+   only the D already computed, so every pair costs arithmetic, no model evaluation.
+3. Dynamic programming finds, for each cost, the path from the start to step 0 with exactly as many points as
+   ``steps`` allows (``points_for``) whose summed local cost is smallest: the exact optimum over the fine grid, in
+   O(points x fine_points^2) arithmetic.
+4. Those two paths and the fixed spacings (logsnr_uniform, karras, time_uniform) run with the sampler itself on
+   the warm-up images; the one ending closest to the reference is kept, with every candidate's error recorded.
 
 Why this and not a gradient-based search (AYS, LD3): the cost is the reference solve and one sampler run per
-candidate, ~fine_points + 4 x steps evaluations per warm-up image, deterministic and without hyperparameters to
-tune per model; GITS reports gains close to the optimised schedules at 5-10 evaluations. DDIM's local error
-favours the steps every solver needs (short ones where the trajectory bends), which is why its schedule carries
-over to the higher-order solvers (GITS, section 4); step 4 guards the cases where it does not: the search never
-returns a schedule worse on its warm-up images than the default spacing.
+candidate, ~fine_points + 5 x steps evaluations per warm-up image, deterministic and without hyperparameters to
+tune per model; GITS reports gains close to the optimised schedules at 5-10 evaluations. A local error
+favours the steps every solver needs (short ones where the trajectory bends), which is why GITS' first-order
+schedule carries over to higher-order solvers; the second-order cost is closer to what those solvers' own steps
+miss. Step 4 guards the cases where neither fits: the search never returns a schedule worse on its warm-up images
+than the default spacing.
 """
 
 import time
@@ -45,13 +47,13 @@ class SearchResult:
 
 @dataclass
 class FineReference:
-    """The reference solve of warm-up batch ``x_T`` on the fine grid, and the DDIM step costs between its times:
+    """The reference solve of warm-up batch ``x_T`` on the fine grid, and the step costs between its times:
     what every sampler and step count is tuned against (steps 1-2 of the module's docstring)."""
 
     x_T: torch.Tensor
     times: list[float]
     x_0: torch.Tensor
-    costs: np.ndarray
+    costs: dict[int, np.ndarray]  # per local order (1, 2): costs[i, j] of one step between fine times i < j
     clip_denoised: bool
     model_kwargs: dict | None
     seconds: float
@@ -65,27 +67,37 @@ class FineReference:
                                  model_kwargs=model_kwargs):
             states.append(out["sample"])
             predictions.append(out["pred_xstart"])
-        costs = ddim_step_costs(diffusion, times, states[:-1], predictions)
+        costs = {order: step_costs(diffusion, times, states[:-1], predictions, order) for order in (1, 2)}
         return cls(x_T, times, states[-1].double(), costs, clip_denoised, model_kwargs, time.perf_counter() - begin)
 
     def rmse(self, x_0) -> float:
         return float(((x_0.double() - self.x_0) ** 2).mean().sqrt())
 
 
-def ddim_step_costs(diffusion, fine_times, states, predictions) -> np.ndarray:
-    """costs[i, j]: RMSE of one DDIM step from (x_i, D_i) to fine time j > i against x_j; inf elsewhere."""
+def step_costs(diffusion, fine_times, states, predictions, order: int) -> np.ndarray:
+    """costs[i, j]: RMSE against x_j of one step from x_i to fine time j > i (inf elsewhere), the exponential
+    integrator in lambda with D held at D_i (order 1: DDIM) or linear between D_i and D_j (order 2: the local
+    error of the second-order solvers, UniPC's corrector in particular). The D are the reference's: no evaluation."""
     levels = [level_at(diffusion, t) for t in fine_times]
     targets = torch.stack([x.double() for x in states])
+    ends = torch.stack([d.double() for d in predictions])
     n = len(levels)
     costs = np.full((n, n), np.inf)
     for i in range(n - 1):
         here, there = levels[i], levels[i + 1:]
-        ratio = torch.tensor([level.sigma / here.sigma for level in there], dtype=torch.float64)
-        weight = torch.tensor([level.alpha for level in there], dtype=torch.float64) - ratio * here.alpha
-        shape = (-1,) + (1,) * states[i].ndim
-        steps = ratio.view(shape) * states[i].double() + weight.view(shape) * predictions[i].double()
+        h = _per_target([level.lam - here.lam for level in there], states[i].ndim)
+        alpha = _per_target([level.alpha for level in there], states[i].ndim)
+        ratio = _per_target([level.sigma / here.sigma for level in there], states[i].ndim)
+        steps = ratio * states[i].double() + alpha * -torch.expm1(-h) * predictions[i].double()
+        if order == 2:  # int_0^h exp(u - h) (u / h) du (D_j - D_i)
+            steps = steps + alpha * (h + torch.expm1(-h)) / h * (ends[i + 1:] - predictions[i].double())
         costs[i, i + 1:] = ((steps - targets[i + 1:]) ** 2).flatten(1).mean(1).sqrt().numpy()
     return costs
+
+
+def _per_target(values, ndim):
+    """One coefficient per target time j, shaped to broadcast over a batch of ``ndim`` dimensions."""
+    return torch.tensor(values, dtype=torch.float64).view((-1,) + (1,) * ndim)
 
 
 def cheapest_path(costs: np.ndarray, points: int) -> list[int]:
@@ -111,7 +123,8 @@ def tune_times(diffusion, model, reference: FineReference, *, sampler, steps, sa
     closest to ``reference`` (steps 3-4 of the module's docstring); deterministic given its inputs."""
     begin = time.perf_counter()
     points = points_for(sampler, steps)
-    candidates = {"dynamic_programming": [reference.times[i] for i in cheapest_path(reference.costs, points)]}
+    candidates = {f"dp_order_{order}": [reference.times[i] for i in cheapest_path(costs, points)]
+                  for order, costs in reference.costs.items()}
     for spacing in SPACINGS:
         try:
             candidates[spacing] = time_grid(diffusion, points, spacing)
