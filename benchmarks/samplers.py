@@ -305,7 +305,7 @@ def plot(report, path: Path) -> None:
     ax.set_title(f"{report['run']}: T={report['diffusion_steps']} {report['noise_schedule']}, "
                  f"{report['images']} held-out images")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="lower left", ncol=2)
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
