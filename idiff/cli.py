@@ -203,6 +203,23 @@ def _srun_prefix(args, argv) -> int:
     return 0
 
 
+def _tune_schedule(args, argv) -> int:
+    from .jobspec.load import load_spec
+    from .tuned_schedule import tune_schedule
+
+    spec = load_spec(args.spec, args.overrides)
+    if spec.kind != "sample":
+        raise UserError(f"{args.spec} is a {spec.kind} spec; tune-schedule takes a sample spec")
+    if args.warmup < 1:
+        raise UserError(f"--warmup: at least one warm-up image, got {args.warmup}")
+    record = tune_schedule(spec, args.out, seed=args.seed, warmup=args.warmup)
+    others = ", ".join(f"{name} {e:.3g}" for name, e in record["candidates_rmse"].items())
+    print(f"{args.out}: {record['sampler']} {record['steps']} steps, RMSE {record['rmse']:.3g} (0-255) to the "
+          f"reference on {record['warmup_images']} warm-up images (candidates: {others}); {record['nfe']} model "
+          f"evaluations, {record['seconds']:.0f} s")
+    return 0
+
+
 def _collect(args, argv) -> int:
     from .collect import main as collect_main
 
@@ -254,6 +271,17 @@ def make_parser() -> argparse.ArgumentParser:
                                    "under srun (nothing without a container).")
     p.add_argument("kind", choices=RUN_KINDS)
     p.set_defaults(handler=_srun_prefix)
+    p = sub.add_parser("tune-schedule", help="tune an ODE solver's chain times for a model (sample.schedule)",
+                       description="Search the chain times that bring the sample spec's sampler, at its steps, "
+                                   "closest to a fine solution of the same ODE on warm-up images; write them to OUT "
+                                   "for the spec's sample.schedule.")
+    p.add_argument("spec", help="sample spec YAML with sample.sampler (an ODE solver) and sample.steps")
+    p.add_argument("--out", required=True, help="the schedule file to write (JSON)")
+    p.add_argument("--warmup", type=int, default=64, help="warm-up images (default: 64)")
+    p.add_argument("--seed", type=int, help="the warm-up images' seed (default: sample.seed + 1)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a spec value (repeatable)")
+    p.set_defaults(handler=_tune_schedule)
     p = sub.add_parser("collect", help="merge sample shards (same as idiff-collect)", add_help=False)
     p.set_defaults(handler=_collect)
     from .data.cli import register as register_data

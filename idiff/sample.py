@@ -18,10 +18,12 @@ from . import storage, weights
 from .collect import collect
 from .diffusion import samplers
 from .diffusion.draw import draw_images
+from .diffusion.ode_samplers import points_for, time_grid
 from .errors import UserError
 from .progress import Progress
 from .ranks.env import RankEnv
 from .shards import complete_ranges, finish_sharded_job, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
+from .tuned_schedule import read_schedule
 
 
 def labels_for(indices, mode, num_classes):
@@ -43,6 +45,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
                         f"({source.diffusion.diffusion_steps})")
     model, diffusion = source.build(env.device, timestep_respacing=s.chain_respacing)
     _check_chain_length(s, diffusion.num_timesteps)
+    sampler_options = _sampler_options(s, source.path, diffusion)
     image_size, class_cond = source.model.output_size, source.model.class_cond
     _check_class_labels(s.class_labels, class_cond, model.num_classes)
     num_classes = len(source.classes) if source.classes else model.num_classes
@@ -82,7 +85,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
             if class_cond:
                 labels = base["arr_1"][start:end].tolist()
         images, labels = draw_images(model, diffusion, indices, seed=s.seed, image_size=image_size,
-                                     sampler=s.sampler_name, sampler_options=s.sampler_options,
+                                     sampler=s.sampler_name, sampler_options=sampler_options,
                                      clip_denoised=s.clip_denoised, labels=labels, num_classes=num_classes,
                                      low_res=low_res, precision=s.precision, device=env.device)
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
@@ -103,6 +106,19 @@ def _check_chain_length(s, chain_length) -> None:
         field = "sample.timestep_respacing" if s.timestep_respacing else "diffusion.diffusion_steps"
         raise UserError(f"{field}: the chain has {chain_length} steps, but {s.sampler_name} needs at least {needed} "
                         f"to take one step of its order")
+
+
+def _sampler_options(s, model_path, diffusion) -> dict:
+    """The sampler's options, with the chain times of ``sample.schedule``; checks that an ODE solver's steps fit."""
+    options = dict(s.sampler_options)
+    if s.schedule:
+        options["times"] = read_schedule(s.schedule, s, model_path, diffusion)
+    elif s.sampler_name in samplers.ODE_SAMPLERS and s.steps:
+        try:
+            time_grid(diffusion, points_for(s.sampler_name, s.steps), options["spacing"])
+        except ValueError as err:
+            raise UserError(f"sample.steps: {err}") from None
+    return options
 
 
 def _check_class_labels(class_labels, class_cond, num_classes) -> None:

@@ -185,7 +185,7 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
             line, state = job_line(job_id, history)
             lines.append(line)
             active = active or not is_final(state)
-        for event in history:  # train.evaluate's jobs (idiff.train.evaluations)
+        for event in history:  # train.evaluate's jobs (idiff.train.checkpoint_evaluations)
             if event["event"] == "evaluation" and isinstance(event.get("slurm_job_ids"), list):
                 job_id = str(event["slurm_job_ids"][-1])
                 state, _ = slurm_state(job_id)

@@ -28,6 +28,18 @@ def draw_samples(model, diffusion, indices, *, seed, image_size, sampler="ancest
     ``labels``: None (unconditional), a label per index, or "random" (drawn from each sample's own
     generator among ``num_classes``); ``low_res``: the super-resolution model's inputs, per index.
     """
+    gens, x_t, model_kwargs, labels = sample_inputs(indices, seed=seed, image_size=image_size, labels=labels,
+                                                    num_classes=num_classes, low_res=low_res, device=device,
+                                                    stream=stream)
+    with torch.inference_mode(), autocast(device, precision):
+        x_0 = samplers.sample(sampler, diffusion, model, x_t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                              noise_fn=rng.PerSampleNoise(gens), **(sampler_options or {}))
+    return x_0, (np.asarray(labels, dtype=np.int64) if labels is not None else None)
+
+
+def sample_inputs(indices, *, seed, image_size, labels=None, num_classes=None, low_res=None, device="cpu",
+                  stream=rng.Stream.SAMPLE):
+    """(per-index generators, x_T, model_kwargs, labels) of sample ``indices``; ``labels`` as in draw_samples."""
     gens = rng.generators(seed, stream, indices)
     if isinstance(labels, str):
         labels = [int(torch.randint(num_classes, (), generator=g)) for g in gens]
@@ -37,7 +49,4 @@ def draw_samples(model, diffusion, indices, *, seed, image_size, sampler="ancest
         model_kwargs["y"] = torch.as_tensor(labels, dtype=torch.long, device=device)
     if low_res is not None:
         model_kwargs["low_res"] = low_res.to(device)
-    with torch.inference_mode(), autocast(device, precision):
-        x_0 = samplers.sample(sampler, diffusion, model, x_t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                              noise_fn=rng.PerSampleNoise(gens), **(sampler_options or {}))
-    return x_0, (np.asarray(labels, dtype=np.int64) if labels is not None else None)
+    return gens, x_t, model_kwargs, labels

@@ -12,7 +12,9 @@ import collections
 import torch
 from tqdm.auto import tqdm
 
+from .ipndm import ipndm
 from .ode_samplers import dpmpp_2m, dpmpp_3m, heun
+from .unipc import unipc
 
 
 def reversed_steps(num_timesteps: int, progress=False):
@@ -52,11 +54,14 @@ def ddim(diffusion, model, x, *, clip_denoised=True, denoised_fn=None, model_kwa
                      denoised_fn=denoised_fn, model_kwargs=model_kwargs, noise_fn=noise_fn, eta=eta)
 
 
-SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "heun": heun}
-ODE_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "heun")
+SAMPLERS = {"ancestral": ancestral, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m, "heun": heun,
+            "unipc": unipc, "ipndm": ipndm}
+ODE_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "heun", "unipc", "ipndm")
 # The fewest model evaluations with which a sampler takes one step of its full order before its final step to x_0
 # (a multistep method of order k needs k - 1 earlier evaluations, Heun two evaluations per step).
-MIN_STEPS = {"ancestral": 1, "ddim": 1, "dpmpp_2m": 3, "dpmpp_3m": 4, "heun": 3}
+# UniPC's and iPNDM's at their default orders (2 and 4); with fewer evaluations they stay at lower orders.
+MIN_STEPS = {"ancestral": 1, "ddim": 1, "dpmpp_2m": 3, "dpmpp_3m": 4, "heun": 3, "unipc": 3, "ipndm": 5}
+MAX_SOLVER_ORDER = {"unipc": 3, "ipndm": 4}  # the samplers whose order a spec chooses (sample.solver_order)
 
 
 def sample(name, diffusion, model, x, **kwargs):

@@ -17,9 +17,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, 
 
 from ..diffusion.ode_samplers import SPACINGS, resolve_spacing
 from ..diffusion.respace import parse_respacing, space_timesteps
-from ..diffusion.samplers import MIN_STEPS, ODE_SAMPLERS, SAMPLERS
+from ..diffusion.samplers import MAX_SOLVER_ORDER, MIN_STEPS, ODE_SAMPLERS, SAMPLERS
 from ..diffusion.schedules import SCHEDULES, get_named_beta_schedule
 from ..diffusion.timestep_sampler import SCHEDULE_SAMPLERS
+from ..diffusion.unipc import VARIANTS as UNIPC_VARIANTS
 from ..errors import brief
 from ..models.architecture import attention_factors, parse_channel_mult
 
@@ -280,14 +281,20 @@ class SampleSection(ModelSource):
     timestep_respacing: str = Field("", description="sampling chain, e.g. '250' or 'ddim50'; '' = all steps")
     eta: float = Field(0.0, ge=0, description="DDIM noise scale")
     sampler: Literal[tuple(SAMPLERS)] | None = Field(None, description=(
-        "ancestral, ddim, or a deterministic ODE solver (dpmpp_2m, dpmpp_3m, heun); none = ancestral, or ddim "
-        "with use_ddim"))
+        "ancestral, ddim, or a deterministic ODE solver (dpmpp_2m, dpmpp_3m, heun, unipc, ipndm); none = "
+        "ancestral, or ddim with use_ddim"))
+    solver_order: int | None = Field(None, ge=1, le=4, description=(
+        "unipc: its predictor's order, 1-3 (the corrector adds one; default 2); ipndm: 1-4 (default 4)"))
+    unipc_variant: Literal[UNIPC_VARIANTS] = Field("bh2", description="unipc's B(h): bh1 = h, bh2 = e^h - 1")
     steps: PositiveInt | None = Field(None, description=(
         "model evaluations per image; ancestral/ddim: the same as timestep_respacing 'N'; none = one per step of "
         "the chain"))
     spacing: Literal[SPACINGS] | None = Field(None, description=(
         "where an ODE solver's steps go: IDDPM's evenly spaced timesteps, uniform in log-SNR, or Karras rho=7; "
         "none = logsnr_uniform with steps, else the chain's own steps (ancestral and ddim: time_uniform only)"))
+    schedule: str | None = Field(None, description=(
+        "an ODE solver's chain times from `idiff tune-schedule` (a SCHEDULE.json), instead of spacing; only for "
+        "the model, sampler and steps it was tuned for"))
     clip_denoised: bool = Field(True, description="clip predicted x_0 to [-1, 1]")
     class_labels: Literal["random", "balanced"] | list[int] = Field(
         "random", description="class-conditional models: 'random', 'balanced' (round robin) or a list cycled")
@@ -314,6 +321,16 @@ class SampleSection(ModelSource):
             raise ValueError(f"{value} draws no noise: eta (DDIM's noise scale) must be 0, got {info.data['eta']}")
         return value
 
+    @field_validator("solver_order")
+    @classmethod
+    def _order_of_a_solver(cls, value, info):
+        sampler = info.data.get("sampler")
+        if value is not None and value > MAX_SOLVER_ORDER.get(sampler, 0):
+            if sampler not in MAX_SOLVER_ORDER:
+                raise ValueError(f"solver_order is for {' and '.join(MAX_SOLVER_ORDER)}, not {sampler}")
+            raise ValueError(f"{sampler} takes orders 1 to {MAX_SOLVER_ORDER[sampler]}, got {value}")
+        return value
+
     @field_validator("steps")
     @classmethod
     def _enough_steps(cls, value, info):
@@ -334,6 +351,17 @@ class SampleSection(ModelSource):
         if value not in (None, "time_uniform") and sampler not in ODE_SAMPLERS:
             raise ValueError(f"{value} spacing is for the ODE solvers ({', '.join(ODE_SAMPLERS)}); {sampler} takes "
                              f"the chain's own steps (time_uniform)")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_of_an_ode_sampler(cls, value, info):
+        sampler = info.data.get("sampler")
+        if value is not None and (sampler not in ODE_SAMPLERS or not info.data.get("steps")):
+            raise ValueError(f"a tuned schedule is for an ODE solver ({', '.join(ODE_SAMPLERS)}) with steps, the "
+                             f"ones it was tuned for")
+        if value is not None and info.data.get("spacing"):
+            raise ValueError("schedule and spacing both place the steps; set one of them")
         return value
 
     @model_validator(mode="after")
@@ -369,14 +397,19 @@ class SampleSection(ModelSource):
         if self.sampler_name == "ddim":
             return {"eta": self.eta}
         if self.sampler_name in ODE_SAMPLERS:
-            return {"steps": self.steps, "spacing": resolve_spacing(self.spacing, self.steps)}
+            options = {"steps": self.steps, "spacing": resolve_spacing(self.spacing, self.steps)}
+            if self.solver_order is not None:
+                options["order"] = self.solver_order
+            if self.sampler_name == "unipc":
+                options["variant"] = self.unipc_variant
+            return options
         return {}
 
     @property
     def sampling(self) -> str:
         """How images are drawn, in words: 'dpmpp_2m 20 steps logsnr_uniform', 'ddim ddim50', 'ancestral all steps'."""
         chain = f"{self.steps} steps" if self.steps else self.timestep_respacing or "all steps"
-        spacing = self.sampler_options.get("spacing")
+        spacing = f"schedule {self.schedule}" if self.schedule else self.sampler_options.get("spacing")
         return f"{self.sampler_name} {chain}" + (f" {spacing}" if spacing else "")
 
 
