@@ -97,7 +97,9 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
         write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
         bpd_sum, images = bpd_sum + float(out["total_bpd"].sum()), images + end - start
         progress.update(end - start, bpd=bpd_sum / images)
+        hooks.progress(start)
     progress.close()
+    hooks.waiting_for_others()
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:

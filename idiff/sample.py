@@ -92,7 +92,9 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
                                      low_res=low_res, precision=s.precision, device=env.device)
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
         progress.update(end - start)
+        hooks.progress(start)
     progress.close()
+    hooks.waiting_for_others()
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:

@@ -130,6 +130,7 @@ def train(spec, env: RankEnv, hooks) -> str:
         stats.add_grad_norm(grad_norm, finite)
         nonfinite.record(finite)
         state.step += 1
+        hooks.progress(state.step)
         checkpoints.announce()
         if cfg.compile and state.step == start_step + 1 and env.is_main:
             print(f"idiff: first step (torch.compile included) took {time.perf_counter() - tick:.1f} s",
