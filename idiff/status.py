@@ -17,6 +17,7 @@ from .checkpoints import CheckpointStore
 from .errors import UserError
 from .jobspec.load import SpecError
 from .progress import format_duration
+from .ranks.faults import fault_lines
 from .run_dir import CHAIN_EVENT, RunDir
 from .shards import scan_shards
 from .train.training_log import is_log_row
@@ -222,7 +223,8 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
                 lines.append(f"evaluation of step {event.get('step')}: slurm job(s) "
                              f"{', '.join(map(str, event['slurm_job_ids']))}: {state}")
                 active = active or not is_final(state)
-        return lines + run_progress(run, spec, verify) + _history(history), active
+        faults = fault_lines(run.path, history, spec.resources.max_requeues)
+        return lines + run_progress(run, spec, verify) + faults + _history(history), active
     stages = chains[-1]["stages"]
     body, states = [], {}
     for stage in stages:

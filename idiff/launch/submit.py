@@ -7,6 +7,7 @@ rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or 
 """
 
 import argparse
+import functools
 import os
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from ..errors import UserError, guarded, report
 from ..jobspec.load import apply_overrides, dump_spec, parse_spec
 from ..jobspec.schema import Resources, refuse_control_characters
 from ..ranks.env import RankEnv, port_for_job
+from ..ranks.faults import why_not_requeue
 from ..ranks.signals import PreemptionFlag
 from ..run_dir import CHAIN_EVENT, RunDir, check_run_dir, claim_run_dir
 from ..train.checkpoint_evaluations import record_evaluation
@@ -58,8 +60,10 @@ class SubmittedJob(submitit.helpers.Checkpointable):
         # idiff-submit took the run dir (moving an old run aside if asked) before the job existed: every
         # start, requeues included, resumes that run.
         on_slurm = env.slurm_job_id is not None
-        status = run_job(hooks_for(spec, env, preemption=flag,
-                                   submit_evaluations=submit_evaluation_jobs if on_slurm else None))
+        hooks = hooks_for(spec, env, preemption=flag, submit_evaluations=submit_evaluation_jobs if on_slurm else None)
+        if on_slurm:
+            hooks.on_fault = functools.partial(self._requeue_after_fault, env, spec)
+        status = run_job(hooks)
         if status != "preempted":
             return status
         if env.is_main and flag.received == "SIGUSR2" and env.slurm_job_id:
@@ -79,6 +83,19 @@ class SubmittedJob(submitit.helpers.Checkpointable):
             (job.paths.folder / REQUEUE_MARKER).touch()
         else:
             job._requeue(limit - env.restart_count)
+
+    @classmethod
+    def _requeue_after_fault(cls, env: RankEnv, spec, fault: dict) -> None:
+        """A hang or a crash on this rank (which then ends, and srun ends the others): requeued as a preemption
+        is, unless it is a crash loop (docs/faults.md)."""
+        why = why_not_requeue(spec.run_dir, fault)
+        if why is not None:
+            print(f"idiff: not requeued: {why}", file=sys.stderr, flush=True)
+            return
+        try:
+            cls._requeue(env, spec)
+        except (OSError, subprocess.SubprocessError) as err:  # another rank's fault requeued it first
+            print(f"idiff: requeue after the {fault['event']} failed: {err}", file=sys.stderr, flush=True)
 
     def checkpoint(self, *args, **kwargs):
         """Used only if Slurm's own machinery asks: the run dir holds the state, so resubmit as is."""
@@ -118,6 +135,7 @@ def submit_evaluation_jobs(train_spec, step: int, specs: list) -> list[str]:
     return job_ids
 
 
+KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
 REQUEUE_MARKER = "requeue"  # in a job's submitit folder: rank 0 in a container asks for a requeue
 
 
@@ -166,8 +184,10 @@ def executor_parameters(spec, cluster: str, after: str | None = None) -> dict:
         extra.update({"dependency": f"afterok:{after}", "kill-on-invalid-dep": "yes"})
     if extra:
         params["slurm_additional_parameters"] = extra
+    # One rank that ends abnormally (a crash, a hang) ends the step: the others would wait in collectives.
+    params["slurm_srun_args"] = [KILL_ON_BAD_EXIT]
     if r.container is not None:
-        params["slurm_srun_args"] = srun_options(spec, os.getcwd())
+        params["slurm_srun_args"] += srun_options(spec, os.getcwd())
         params["slurm_setup"] = container_setup(os.path.dirname(_jobs_folder(spec)))
     return params
 

@@ -69,7 +69,9 @@ def record_fault(run_dir: str, env: RankEnv, kind: str, step: int | None, text: 
 def record_crash(run_dir: str, env: RankEnv, step: int | None, err: BaseException) -> dict:
     text = "".join(traceback.format_exception(err))
     fault = record_fault(run_dir, env, "crash", step, text, error=f"{type(err).__name__}: {err}"[:500])
-    print(f"idiff: rank {env.rank} crashed at step {step}: {fault['error']} (traceback in "
+    first = (_tries(RunDir(run_dir).history())[-1] or [fault])[0]
+    echo = f" after the {first['event']} of rank {first.get('rank')}" if first.get("rank") != env.rank else ""
+    print(f"idiff: rank {env.rank} crashed at step {step}{echo}: {fault['error']} (traceback in "
           f"{storage.join(run_dir, fault['dump'])})", file=sys.stderr, flush=True)
     return fault
 
@@ -109,3 +111,50 @@ def abort_other_ranks(env: RankEnv, code: int) -> None:
 
     sys.stderr.flush()
     MPI.COMM_WORLD.Abort(code)
+
+
+def why_not_requeue(run_dir: str, fault: dict) -> str | None:
+    """Why the job must not be requeued after ``fault``, this rank's (None: requeue it). A crash loop is recorded."""
+    history = RunDir(run_dir).history()
+    if not first_of_its_try(history, fault):
+        return "an earlier fault of this try decides"
+    if repeats_last_try(history, fault):
+        RunDir(run_dir).record("crash_loop", rank=fault["rank"], step=fault.get("step"), fault=fault["event"],
+                               error=fault.get("error"), slurm_job_id=fault.get("slurm_job_id"))
+        return (f"crash loop: the same {fault['event']} at step {fault.get('step')} as in the try before; "
+                f"requeueing would repeat it")
+    return None
+
+
+def _dump_head(run_dir: str, event: dict, lines: int = 3) -> list[str]:
+    """The first frames of the thread that ran the job (a hang), or the innermost of the traceback (a crash)."""
+    path = storage.join(run_dir, str(event.get("dump", "")))
+    try:
+        text = storage.read_text(path)
+    except (OSError, ValueError):
+        return []
+    if event["event"] == "hang":
+        main = next((block for block in text.split("\n\n") if "in run_job" in block), "")
+        return [line.strip() for line in main.splitlines() if line.strip().startswith("File")][:lines]
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("File")][-lines:]
+
+
+def fault_lines(run_dir: str, history: list[dict], max_requeues: int) -> list[str]:
+    """``idiff status``'s lines on the run's faults: each hang and crash, the requeues, a crash loop."""
+    faults = [e for e in history if e["event"] in FAULTS]
+    loops = [e for e in history if e["event"] == "crash_loop"]
+    if not faults:
+        return []
+    requeues = max((e.get("restart_count") or 0 for e in history if e["event"] == "start"), default=0)
+    lines = [f"faults: {len(faults)}; requeues {requeues}/{max_requeues} (resources.max_requeues)"]
+    for event in faults:
+        what = event.get("error") or f"no progress for {event.get('waited_s')} s"
+        job = f", slurm job {event['slurm_job_id']} try {(event.get('restart_count') or 0) + 1}" \
+            if event.get("slurm_job_id") else ""
+        lines.append(f"  {event['event']} on rank {event.get('rank')} at step {event.get('step')}{job}, "
+                     f"{event['time']}: {what} ({event.get('dump')})")
+        lines += [f"      {frame}" for frame in _dump_head(run_dir, event)]
+    for event in loops:
+        lines.append(f"  crash loop: the {event.get('fault')} at step {event.get('step')} happened in two tries in a "
+                     f"row: not requeued; fix its cause, then `idiff-resume {run_dir}`")
+    return lines

@@ -1,5 +1,5 @@
 """A real crash in a real rank, for the fault tests: with IDIFF_TEST_CRASH="RANK:STEP" in the environment (and this
-folder on PYTHONPATH), the rank RANK of every job raises when it notes progress at STEP, whatever launcher
+folder on PYTHONPATH), the rank RANK of every job raises once it noted progress at STEP, whatever launcher
 started it (--nproc, mpiexec, srun). Python imports ``sitecustomize`` at start-up; without the variable it does
 nothing."""
 
@@ -14,8 +14,8 @@ if _WHERE:
     _note = _hooks.JobHooks.progress
 
     def _progress(self, step):
+        _note(self, step)
         if self.env.rank == _rank and step == _step:
             raise RuntimeError(f"injected fault at step {step}")
-        _note(self, step)
 
     _hooks.JobHooks.progress = _progress
