@@ -63,25 +63,25 @@ def run_local_ranks(argv: list[str], nproc: int) -> int:
 def _wait(procs, grace_s: float = GRACE_S) -> int:
     """Wait for all ranks; once one fails, give the others ``grace_s`` to notice, then kill them. The exit code
     is the first failure's (a shell's 128+N for a signal N), the cause rather than what it led to."""
-    first = None  # (rank, exit code) of the first rank that ended with one other than 0
+    first = None  # (rank, exit code) of the first rank seen ending with a code other than 0
     failed_at = None
-    while any(p.poll() is None for p in procs):
+    while True:
+        alive = [p for p in procs if p.poll() is None]
         if first is None:
             first = next(((rank, _shell_code(p.returncode)) for rank, p in enumerate(procs)
                           if p.returncode not in (None, 0)), None)
             if first is not None:
                 failed_at = time.monotonic()
                 if first[1] not in STOPPED_ON_PURPOSE:
-                    print(f"idiff: rank {first[0]} {exit_meaning(first[1])} (exit {first[1]}): ending the other "
-                          f"ranks within {grace_s:g} s", file=sys.stderr, flush=True)
+                    rest = f": ending the other ranks within {grace_s:g} s" if alive else ""
+                    print(f"idiff: rank {first[0]} {exit_meaning(first[1])} (exit {first[1]}){rest}", file=sys.stderr,
+                          flush=True)
+        if not alive:
+            return 0 if first is None else first[1]
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+            for p in alive:
+                p.kill()
         time.sleep(0.1)
-    if first is None:
-        first = next(((rank, _shell_code(p.returncode)) for rank, p in enumerate(procs) if p.returncode != 0), (0, 0))
-    return first[1]
 
 
 def _shell_code(returncode: int) -> int:
