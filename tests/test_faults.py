@@ -6,6 +6,7 @@ run ends bit for bit where an uninterrupted one does.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import (
     TEST_ENV,
     assert_same_tensors,
@@ -21,7 +23,9 @@ from conftest import (
     idiff,
     idiff_in_process,
     require_service,
+    slurm_cluster_problem,
     tiny_spec,
+    wait_for_step,
     write_spec,
 )
 from test_train_resume import logged_step, wait_for
@@ -234,3 +238,90 @@ def test_rank_0_failing_before_the_rendezvous_does_not_hang_mpiexec(root, shapes
     stderr = ended(proc, 60)
     assert proc.returncode == 2, stderr[-3000:]
     assert "idiff (rank 0): error:" in stderr and str(foreign) in stderr
+
+
+# ------------------------------------------------------------------------------------------- Slurm
+
+
+def submit(path, env=None) -> str:
+    result = subprocess.run([str(Path(sys.executable).parent / "idiff-submit"), str(path)], capture_output=True,
+                            text=True, timeout=120, env={**TEST_ENV, **ENV, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return re.search(r"submitted job (\d+)", result.stdout).group(1)
+
+
+def sacct_state(job: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    return lines[-1].split()[0] if lines else "UNKNOWN"
+
+
+def wait_until_over(job: str, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sacct_state(job) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
+            return sacct_state(job)
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} still {sacct_state(job)} after {timeout} s (cancelled)")
+
+
+def slurm_rank_pid(job: str, rank: int) -> int | None:
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"submitit" not in (proc / "cmdline").read_bytes():
+                continue
+            environ = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except (OSError, ValueError):
+            continue
+        if environ.get(b"SLURM_JOB_ID") == job.encode() and environ.get(b"SLURM_PROCID") == str(rank).encode():
+            return int(proc.name)
+    return None
+
+
+def slurm_spec(root, shapes_dir, name):
+    path, run_dir = train_spec(root, shapes_dir, name)
+    spec = yaml.safe_load(Path(path).read_text())
+    spec["resources"].update(nodes=2, cpus_per_task=1, timeout_min=10)
+    return write_spec(path, spec), run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_stopped_rank_under_idiff_submit_requeues_and_finishes_bitwise(root, shapes_dir, two_ranks):
+    require_service(slurm_cluster_problem())
+    path, run_dir = slurm_spec(root, shapes_dir, "stopped-slurm")
+    job = submit(path)
+    try:
+        wait_for_step(run_dir, SAVE + 2, timeout=180)
+        pid = slurm_rank_pid(job, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        assert wait_until_over(job) == "COMPLETED"
+    finally:
+        subprocess.run(["scancel", job])
+    events = history(run_dir)
+    assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
+    assert [e["rank"] for e in events if e["event"] == "hang"] == [0]
+    assert_same_tensors(final_files(run_dir, STEPS), two_ranks)
+    assert "requeues 1/10" in idiff("status", run_dir).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_crash_loop_stops_after_two_tries_and_status_says_so(root, shapes_dir):
+    require_service(slurm_cluster_problem())
+    path, run_dir = slurm_spec(root, shapes_dir, "crash-loop")
+    job = submit(path, env={"PYTHONPATH": os.pathsep.join([INJECTOR, TEST_ENV.get("PYTHONPATH", "")]),
+                            "IDIFF_TEST_CRASH": f"1:{SAVE + 4}"})
+    try:
+        assert wait_until_over(job) == "FAILED"
+    finally:
+        subprocess.run(["scancel", job])
+    events = history(run_dir)
+    assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
+    first = [e for e in events if e["event"] == "crash" and e["rank"] == 1]
+    assert [e["step"] for e in first] == [SAVE + 4, SAVE + 4]
+    assert [e["step"] for e in events if e["event"] == "crash_loop"] == [SAVE + 4]
+    status = idiff("status", run_dir).stdout
+    assert f"crash loop: the crash at step {SAVE + 4} happened in two tries in a row: not requeued" in status
