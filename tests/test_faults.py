@@ -302,7 +302,9 @@ def test_a_stopped_rank_under_idiff_submit_requeues_and_finishes_bitwise(root, s
         subprocess.run(["scancel", job])
     events = history(run_dir)
     assert [e["restart_count"] for e in events if e["event"] == "start"] == [0, 1]
-    assert [e["rank"] for e in events if e["event"] == "hang"] == [0]
+    hangs = [e for e in events if e["event"] == "hang"]
+    # Rank 0 found it; the stopped rank, continued by srun's SIGCONT before its SIGKILL, may find its own too.
+    assert hangs[0]["rank"] == 0 and {e["restart_count"] for e in hangs} == {0}
     assert_same_tensors(final_files(run_dir, STEPS), two_ranks)
     assert "requeues 1/10" in idiff("status", run_dir).stdout
 
