@@ -96,6 +96,7 @@ def _nll(setup: _NllSetup, e, env, run_dir, hooks) -> str:
         write_shard(parts_dir, start, end, {k: np.asarray(v, dtype=layout[k][1]) for k, v in part.items()})
         bpd_sum, images = bpd_sum + float(out["total_bpd"].sum()), images + end - start
         progress.update(0, bpd=bpd_sum / images, images=images)
+        hooks.progress(start)
     progress.close()
     return finish_sharded_job(env, hooks, lambda: _merge_nll(parts_dir, setup.num, run_dir,
                                                              setup.diffusion.num_timesteps))

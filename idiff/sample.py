@@ -17,22 +17,13 @@ import torch
 from . import storage, weights
 from .collect import collect
 from .diffusion import samplers
-from .diffusion.draw import draw_images
+from .diffusion.draw import draw_images, labels_for
 from .diffusion.ode_samplers import points_for, time_grid
 from .errors import UserError
 from .progress import Progress
 from .ranks.env import RankEnv
 from .shards import complete_ranges, finish_sharded_job, missing_parts, npz_headers, rank_ranges, read_npz, write_shard
 from .tuned_schedule import read_schedule
-
-
-def labels_for(indices, mode, num_classes):
-    """Labels of a class-conditional job; 'random' is drawn from each sample's own generator later."""
-    if mode == "random":
-        return "random"
-    if mode == "balanced":
-        return [i % num_classes for i in indices]
-    return [mode[i % len(mode)] for i in indices]
 
 
 def run_sample(spec, env: RankEnv, hooks) -> str:
@@ -90,6 +81,7 @@ def run_sample(spec, env: RankEnv, hooks) -> str:
                                      low_res=low_res, precision=s.precision, device=env.device)
         write_shard(run_dir.samples, start, end, {"arr_0": images, **({"arr_1": labels} if labels is not None else {})})
         progress.update(end - start)
+        hooks.progress(start)
     progress.close()
 
     def merge():

@@ -212,6 +212,7 @@ def complete_ranges(folder, arrays_of, env: RankEnv) -> list[tuple[int, int]]:
 def finish_sharded_job(env, hooks, merge: Callable[[], None]) -> str:
     """The end of a sharded job (sampling, NLL) on every rank: "preempted" when any rank was asked to stop (its
     complete shards are kept for the rerun); else every rank waits for the others and rank 0 ``merge``s."""
+    hooks.waiting_for_others()  # its own shards are done: the others' watchdogs watch theirs
     if any_rank(hooks.should_suspend()):
         return "preempted"
     if env.world_size > 1:

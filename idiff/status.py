@@ -16,6 +16,7 @@ from .checkpoints import CheckpointStore
 from .errors import UserError
 from .jobspec.load import SpecError
 from .progress import format_duration
+from .ranks.faults import fault_lines
 from .run_dir import CHAIN_EVENT, RunDir, is_sweep_dir, sweep_record
 from .shards import scan_shards
 from .train.training_log import last_log_row
@@ -192,7 +193,9 @@ def status_lines(path, verify: bool = False) -> tuple[list[str], bool]:
                 lines.append(f"evaluation of step {event.get('step')}: slurm job(s) "
                              f"{', '.join(map(str, event['slurm_job_ids']))}: {state}")
                 active = active or not is_final(state)
-        return lines + run_progress(run, spec, verify) + cost_line(run_cost(history)) + _history(history), active
+        faults = fault_lines(run.path, history, spec.resources.max_requeues)
+        return (lines + run_progress(run, spec, verify) + faults + cost_line(run_cost(history)) + _history(history),
+                active)
     stages = chains[-1]["stages"]
     body, states, costs = [], {}, []
     for stage in stages:

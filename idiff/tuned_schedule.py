@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import storage, weights
-from .diffusion.draw import sample_inputs
+from .diffusion.draw import labels_for, sample_inputs
 from .diffusion.ode_samplers import chain_start, points_for
 from .diffusion.samplers import ODE_SAMPLERS
 from .diffusion.schedule_search import FINE_POINTS, FineReference, check_times, tune_times
@@ -28,8 +28,6 @@ PIXELS = 127.5  # [-1, 1] -> 0-255 units
 
 def tune_schedule(spec, out: str, *, seed: int | None, warmup: int, fine_points: int = FINE_POINTS) -> dict:
     """Tune the chain times of ``spec`` (a SampleJob) and write them to ``out``; returns the record."""
-    from .sample import labels_for  # the sample job reads schedules with this module
-
     s = spec.sample
     if s.sampler not in ODE_SAMPLERS or not s.steps:
         raise UserError(f"tune-schedule needs sample.sampler (one of {', '.join(ODE_SAMPLERS)}) and sample.steps: "

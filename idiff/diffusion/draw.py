@@ -50,3 +50,12 @@ def sample_inputs(indices, *, seed, image_size, labels=None, num_classes=None, l
     if low_res is not None:
         model_kwargs["low_res"] = low_res.to(device)
     return gens, x_t, model_kwargs, labels
+
+
+def labels_for(indices, mode, num_classes):
+    """Labels of a class-conditional job; 'random' is drawn from each sample's own generator later."""
+    if mode == "random":
+        return "random"
+    if mode == "balanced":
+        return [i % num_classes for i in indices]
+    return [mode[i % len(mode)] for i in indices]

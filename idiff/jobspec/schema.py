@@ -13,7 +13,16 @@ import re
 import typing
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from ..diffusion.ode_samplers import SPACINGS, resolve_spacing
 from ..diffusion.respace import parse_respacing, space_timesteps
@@ -560,6 +569,26 @@ class ContainerSection(Section):
         return mounts
 
 
+HANG_TIMEOUT_FLOOR_S = 10.0  # shorter would end ranks in legitimate pauses; tests use this to stay fast
+_DURATION = re.compile(r"(?P<number>\d+(\.\d*)?|\.\d+)\s*(?P<unit>s|m|h)?")
+_UNIT_SECONDS = {None: 1, "s": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(value):
+    """Seconds from a number or a duration such as ``90s``, ``10m``, ``1.5h`` (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected seconds or a duration such as 90s, 10m or 1h, got {brief(value)}")
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if isinstance(value, str) and match is None:
+        raise ValueError(f"{brief(value)} is not a duration: write seconds or a duration such as 90s, 10m or 1h")
+    seconds = float(value) if match is None else float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    if not seconds >= HANG_TIMEOUT_FLOOR_S:
+        raise ValueError(f"{brief(value)} is below the floor of {HANG_TIMEOUT_FLOOR_S:g} s")
+    return seconds
+
+
 class JobResources(Section):
     """What the scheduler is asked for; ignored by local runs."""
 
@@ -574,7 +603,12 @@ class JobResources(Section):
     qos: ScriptText | None = Field(None, description="Slurm QOS")
     constraint: ScriptText | None = Field(None, description="Slurm node constraint")
     signal_delay_s: PositiveInt = Field(120, description="USR2 this long before the time limit, seconds")
-    max_requeues: int = Field(10, ge=0, description="requeues after preemption or timeout before giving up")
+    max_requeues: int = Field(10, ge=0, description=(
+        "requeues after preemption, timeout, a hang or a crash before giving up (docs/faults.md)"))
+    hang_timeout: Annotated[float | None, BeforeValidator(duration_seconds)] = Field(None, description=(
+        f"a rank that makes no progress (a step, a shard) for this long dumps its stacks and ends: seconds or a "
+        f"duration (90s, 10m), at least {HANG_TIMEOUT_FLOOR_S:g} s; none = 10 x the slowest step so far, at "
+        f"least 10 minutes (docs/faults.md)"))
     container: ContainerSection | None = Field(None, description="run the ranks in this container (section below)")
     slurm_extra: dict[str, str] = Field(
         default_factory=dict, description="further sbatch options, e.g. {mail-user: me@example.org}")

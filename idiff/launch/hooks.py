@@ -1,5 +1,6 @@
 """What a job body calls back (EDM2's lifecycle hooks): ``begin()`` once its inputs are checked,
-``should_suspend()`` at every step boundary, and in training ``checkpoint_written(step)``.
+``should_suspend()`` at every step boundary, ``progress(step)`` after each step (shard, part) for the hang
+watchdog, and in training ``checkpoint_written(step)``.
 
 A launcher builds the hooks and hands them to ``runner.run_job``. A training run with ``train.evaluate``
 gets ``EvaluatingHooks``: each checkpoint it completes is evaluated, here in a subprocess after the
@@ -39,6 +40,9 @@ class JobHooks:
         self.spec, self.env, self.force_new, self.preemption = spec, env, force_new, preemption
         self.lease = None  # rank 0's hold on the run dir, from begin() to the end of the job
         self.cost = None  # the job's cost.CostMeter, from runner.run_job
+        self.begun = False  # the run dir is this job's: faults may be recorded in it
+        self.watchdog = None  # ranks.watchdog.Watchdog, while runner.run_job runs the body
+        self.on_fault = None  # called with the event of a fault this rank recorded (idiff-submit requeues)
 
     def begin(self) -> RunDir:
         if self.env.is_main:
@@ -48,7 +52,19 @@ class JobHooks:
                            slurm_job_id=self.env.slurm_job_id, restart_count=self.env.restart_count)
         if self.env.world_size > 1:
             dist.barrier()
+        self.begun = True
         return RunDir(self.spec.run_dir)
+
+    def progress(self, step: int) -> None:
+        """This rank completed ``step`` (a training step; in sampling and NLL, the first index of a shard)."""
+        if self.watchdog is not None:
+            self.watchdog.note(step)
+
+    def waiting_for_others(self) -> None:
+        """This rank's own work is done (its shards): what is left is waiting for the other ranks, which have
+        more to do when a resumed run left them more, and whose own watchdogs watch them."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     def should_suspend(self) -> bool:
         return self.preemption is not None and self.preemption.received is not None

@@ -2,6 +2,8 @@
 
 Signals sent to the launcher (Slurm's USR2/TERM, Ctrl-C) are forwarded to every rank, and the
 ranks die with the launcher (PR_SET_PDEATHSIG), so a killed launcher never leaves orphans training.
+When a rank fails, the others get GRACE_S to end on their own (their collectives fail), then are killed:
+a stopped or hung rank never ends by itself.
 A signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, Slurm) thus reaches each
 rank twice, directly and forwarded: a rank acts on the first and ignores repeats.
 """
@@ -14,8 +16,12 @@ import subprocess
 import sys
 import time
 
+from ..ranks.faults import exit_meaning
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
+GRACE_S = 10.0
+STOPPED_ON_PURPOSE = (75, 130)  # preempted, interrupted: every rank stops at the same step boundary
 
 
 def free_port() -> int:
@@ -54,17 +60,29 @@ def run_local_ranks(argv: list[str], nproc: int) -> int:
             signal.signal(sig, handler)
 
 
-def _wait(procs, grace_s: float = 30.0) -> int:
-    """Wait for all ranks; once one fails, give the others ``grace_s`` to notice, then kill them."""
+def _wait(procs, grace_s: float = GRACE_S) -> int:
+    """Wait for all ranks; once one fails, give the others ``grace_s`` to notice, then kill them. The exit code
+    is the first failure's (a shell's 128+N for a signal N), the cause rather than what it led to."""
+    first = None  # (rank, exit code) of the first rank seen ending with a code other than 0
     failed_at = None
-    while any(p.poll() is None for p in procs):
-        codes = [p.returncode for p in procs if p.returncode not in (None, 0)]
-        if codes and failed_at is None:
-            failed_at = time.monotonic()
+    while True:
+        alive = [p for p in procs if p.poll() is None]
+        if first is None:
+            first = next(((rank, _shell_code(p.returncode)) for rank, p in enumerate(procs)
+                          if p.returncode not in (None, 0)), None)
+            if first is not None:
+                failed_at = time.monotonic()
+                if first[1] not in STOPPED_ON_PURPOSE:
+                    rest = f": ending the other ranks within {grace_s:g} s" if alive else ""
+                    print(f"idiff: rank {first[0]} {exit_meaning(first[1])} (exit {first[1]}){rest}", file=sys.stderr,
+                          flush=True)
+        if not alive:
+            return 0 if first is None else first[1]
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+            for p in alive:
+                p.kill()
         time.sleep(0.1)
-    code = next((p.returncode for p in procs if p.returncode != 0), 0)
-    return code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell reports it
+
+
+def _shell_code(returncode: int) -> int:
+    return returncode if returncode >= 0 else 128 - returncode  # killed by signal N -> 128+N, as a shell reports it

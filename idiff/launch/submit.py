@@ -6,6 +6,7 @@ the signal only sets the flag; all ranks agree at a step boundary, checkpoint, a
 rank 0 requeue the job (after SIGUSR2; on SIGTERM Slurm itself is preempting or cancelling it).
 """
 
+import functools
 import os
 import shlex
 import shutil
@@ -21,6 +22,7 @@ from ..errors import UserError
 from ..jobspec.load import dump_spec, parse_spec
 from ..jobspec.schema import refuse_control_characters
 from ..ranks.env import RankEnv, port_for_job
+from ..ranks.faults import why_not_requeue
 from ..ranks.signals import PreemptionFlag
 from ..run_dir import CHAIN_EVENT, RunDir, check_run_dir, claim_run_dir
 from ..train.checkpoint_evaluations import record_evaluation
@@ -56,8 +58,10 @@ class SubmittedJob(submitit.helpers.Checkpointable):
         # idiff-submit took the run dir (moving an old run aside if asked) before the job existed: every
         # start, requeues included, resumes that run.
         on_slurm = env.slurm_job_id is not None
-        status = run_job(hooks_for(spec, env, preemption=flag,
-                                   submit_evaluations=submit_evaluation_jobs if on_slurm else None))
+        hooks = hooks_for(spec, env, preemption=flag, submit_evaluations=submit_evaluation_jobs if on_slurm else None)
+        if on_slurm:
+            hooks.on_fault = functools.partial(self._requeue_after_fault, env, spec)
+        status = run_job(hooks)
         if status != "preempted":
             return status
         if env.is_main and flag.received == "SIGUSR2" and env.slurm_job_id:
@@ -77,6 +81,19 @@ class SubmittedJob(submitit.helpers.Checkpointable):
             (job.paths.folder / REQUEUE_MARKER).touch()
         else:
             job._requeue(limit - env.restart_count)
+
+    @classmethod
+    def _requeue_after_fault(cls, env: RankEnv, spec, fault: dict) -> None:
+        """A hang or a crash on this rank (which then ends, and srun ends the others): requeued as a preemption
+        is, unless it is a crash loop (docs/faults.md)."""
+        why = why_not_requeue(spec.run_dir, fault)
+        if why is not None:
+            print(f"idiff: not requeued: {why}", file=sys.stderr, flush=True)
+            return
+        try:
+            cls._requeue(env, spec)
+        except (OSError, subprocess.SubprocessError) as err:  # another rank's fault requeued it first
+            print(f"idiff: requeue after the {fault['event']} failed: {err}", file=sys.stderr, flush=True)
 
     def checkpoint(self, *args, **kwargs):
         """Used only if Slurm's own machinery asks: the run dir holds the state, so resubmit as is."""
@@ -116,6 +133,9 @@ def submit_evaluation_jobs(train_spec, step: int, specs: list) -> list[str]:
     return job_ids
 
 
+KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"  # srun ends every rank of a job when one exits abnormally
+
+
 def _jobs_folder(spec) -> str:
     """submitit's folder of each of ``spec``'s jobs (``%j``: the job id)."""
     base = spec.run_dir if not storage.is_remote(spec.run_dir) else "slurm-logs"
@@ -149,8 +169,10 @@ def executor_parameters(spec, cluster: str, after: str | None = None, dependency
         extra.update({"dependency": f"{dependency}:{after}", "kill-on-invalid-dep": "yes"})
     if extra:
         params["slurm_additional_parameters"] = extra
+    # One rank that ends abnormally (a crash, a hang) ends the step: the others would wait in collectives.
+    params["slurm_srun_args"] = [KILL_ON_BAD_EXIT]
     if r.container is not None:
-        params["slurm_srun_args"] = srun_options(spec, os.getcwd())
+        params["slurm_srun_args"] += srun_options(spec, os.getcwd())
         params["slurm_setup"] = container_setup(os.path.dirname(_jobs_folder(spec)))
     return params
 

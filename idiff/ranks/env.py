@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,8 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
-DIST_TIMEOUT = datetime.timedelta(minutes=30)
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # a collective's limit without resources.hang_timeout
+MIN_COLLECTIVE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,13 @@ def _mpi_env() -> RankEnv:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     address = None
     if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+        try:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                address = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+        except OSError as err:  # the other ranks wait in bcast: only MPI_Abort ends them (and mpiexec)
+            print(f"idiff: rank 0 cannot announce its address for the rendezvous: {err}", file=sys.stderr, flush=True)
+            comm.Abort(1)
     address = comm.bcast(address, root=0)
     return RankEnv(rank=comm.rank, world_size=comm.size, local_rank=local.rank, local_world_size=local.size,
                    launcher="mpi",
@@ -136,8 +142,18 @@ def control_group():
     return _control_group
 
 
-def init_distributed(env: RankEnv) -> None:
-    """Join the process group (NCCL on GPU, gloo on CPU); a single rank runs without one."""
+def collective_timeout(hang_timeout_s: float | None) -> datetime.timedelta:
+    """How long a collective (and the rendezvous) may wait: twice the hang timeout, so that the watchdog,
+    which says where each thread waits, normally ends a hung rank first; the collective's error is the backstop
+    (NCCL's own watchdog aborts the process, gloo raises)."""
+    if hang_timeout_s is None:
+        return DIST_TIMEOUT
+    return datetime.timedelta(seconds=max(2 * hang_timeout_s, MIN_COLLECTIVE_TIMEOUT_S))
+
+
+def init_distributed(env: RankEnv, timeout: datetime.timedelta = DIST_TIMEOUT) -> None:
+    """Join the process group (NCCL on GPU, gloo on CPU); a single rank runs without one. ``timeout``: how
+    long a collective may wait before it fails."""
     global _control_group
     if env.world_size == 1 or dist.is_initialized():
         return
@@ -147,9 +163,9 @@ def init_distributed(env: RankEnv) -> None:
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank, world_size=env.world_size, timeout=DIST_TIMEOUT,
+        rank=env.rank, world_size=env.world_size, timeout=timeout,
     )
-    _control_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    _control_group = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
 
 
 def shutdown_distributed() -> None:

@@ -174,6 +174,7 @@ def train(spec, env: RankEnv, hooks) -> str:
             status = PREEMPTED
             break
         run.optimizer_step(next(data))
+        hooks.progress(state.step)
         if cfg.compile and state.step == start_step + 1 and env.is_main:
             print(f"idiff: first step (torch.compile included) took {time.perf_counter() - tick:.1f} s",
                   file=sys.stderr, flush=True)
