@@ -90,7 +90,7 @@ def test_a_sample_run_dir_of_each_sampler_is_taken_again_on_resume(tmp_path, sam
     """The bug this guards: ``sampler: ddim`` wrote ``use_ddim: false`` beside it, which the second start refused."""
     data = {"kind": "sample", "name": "r", "run_dir": str(tmp_path / sampler), "model": dict(TINY_MODEL),
             "diffusion": {"diffusion_steps": 50},
-            "sample": {"model_path": "model.pt", "sampler": sampler, "steps": 4}}
+            "sample": {"model_path": "model.pt", "sampler": sampler, "steps": 6}}
     job = parse_spec(data)
     run_dir = claim_run_dir(job)
     assert RunDir(run_dir.path).saved_job().sample.sampler_name == sampler
