@@ -62,6 +62,7 @@ def train(spec, env: RankEnv, hooks) -> str:
     if cfg.resume_checkpoint:  # a bad file fails here; restore() loads it for good
         load_weights(model, cfg.resume_checkpoint, "train.resume_checkpoint")
     run_dir = hooks.begin()
+    storage.give_up_retrying_when(hooks.should_suspend)  # a stop ends the retries of a store that is away
     if spec.model.class_cond and env.is_main:
         storage.atomic_write_text(run_dir.classes_file, json.dumps(dataset.classes, indent=1))
 
