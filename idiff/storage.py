@@ -6,6 +6,7 @@ StoreUnavailable (exit 75: resumable), and sooner once a stop was asked for (``g
 """
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -270,6 +271,40 @@ def open_for_reading(path):
     buffer, more than a shard of 64x64 samples."""
     refuse_links(path)
     return bf.BlobFile(str(path), "rb") if is_remote(path) else open(path, "rb")
+
+
+# Packed shards on a store are read one sample at a time, in a random order: each read is one ranged GET of exactly
+# the sample (blobfile's 8 MB read buffer would fetch 8 MB for a sample of a few kB), or, with IDIFF_SHARD_CACHE
+# naming a local folder, the shard is downloaded there once per machine and read like a local file
+# (benchmarks/README.md, "Object stores", has the numbers behind both).
+SHARD_CACHE_VARIABLE = "IDIFF_SHARD_CACHE"
+
+
+def open_for_ranged_reads(path):
+    """A binary file object of store ``path`` for reads at random offsets: each read is one request of its size."""
+    refuse_links(path)
+    return bf.BlobFile(str(path), "rb", buffer_size=1)
+
+
+def cached_locally(path: str) -> str:
+    """``path``; or, for a store path when IDIFF_SHARD_CACHE names a folder, its copy in that folder, downloaded
+    first if absent. The copy's name holds the blob's version (etag), so a replaced blob is downloaded again; one
+    process of the machine downloads, the others wait for it (a lock file), and an interrupted download leaves no
+    copy (written under a temporary name, then renamed)."""
+    folder = os.environ.get(SHARD_CACHE_VARIABLE)
+    if not folder or not is_remote(path):
+        return path
+    info = bf.stat(path)
+    key = hashlib.sha256(f"{path}\0{info.version or info.size}".encode()).hexdigest()[:32]
+    local = os.path.join(folder, f"{key}-{bf.basename(path)}")
+    if not os.path.exists(local):
+        os.makedirs(folder, exist_ok=True)
+        with open(f"{local}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(local):
+                with atomic_local_file(local) as copy, bf.BlobFile(path, "rb") as blob:
+                    shutil.copyfileobj(blob, copy, 8 << 20)
+    return local
 
 
 def makedirs(path) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 import blobfile as bf
 import numpy as np
 import pytest
+from conftest import AZURITE, IN_CI, assert_same_tensors, idiff, idiff_in_process, start_idiff, tiny_spec, write_spec
 
-from conftest import (AZURITE, IN_CI, assert_same_tensors, idiff, idiff_in_process, start_idiff, tiny_spec,
-                      write_spec)
 from idiff import storage
 from idiff.data import ShardedLoader, open_images
 from idiff.data.pack import FolderSource, pack
@@ -122,17 +121,31 @@ def test_keep_last_deletes_exactly_the_pruned_blobs(store_root, shapes_dir, tmp_
 
 
 @pytest.mark.objectstore
-def test_packed_data_on_the_store_gives_the_local_batches(store_root, shapes_dir, tmp_path):
+def test_packed_data_on_the_store_gives_the_local_batches(store_root, shapes_dir, tmp_path, monkeypatch):
     packed = str(tmp_path / "packed")
     pack(FolderSource(shapes_dir), packed, 16, workers=1)
     remote = upload(packed, f"{store_root}/packed")
-    got = []
-    for data_dir in (packed, remote):
+    cache = tmp_path / "cache"
+
+    def first_batches(data_dir):
         loader = ShardedLoader(open_images(data_dir, 16, class_cond=True, random_flip=True, seed=3),
                                global_batch=6, rank=0, world_size=1, seed=3, num_workers=1)
-        got.append([next(loader) for _ in range(3)])
+        got = [next(loader) for _ in range(3)]
         loader.close()
-    assert_same_tensors(got[1], got[0])
+        return got
+
+    local = first_batches(packed)
+    assert_same_tensors(first_batches(remote), local)  # ranged reads from the store
+    assert not cache.exists()
+    monkeypatch.setenv(storage.SHARD_CACHE_VARIABLE, str(cache))
+    assert_same_tensors(first_batches(remote), local)  # through the local shard cache
+    shards = [n for n in os.listdir(packed) if n.endswith(".tar")]
+    copies = [p for p in cache.iterdir() if p.name.endswith(".tar")]
+    assert sorted(p.name.split("-", 1)[1] for p in copies) == sorted(shards)
+    assert all(p.read_bytes() == Path(packed, p.name.split("-", 1)[1]).read_bytes() for p in copies)
+
+    bf.write_bytes(f"{remote}/{shards[0]}", Path(packed, shards[0]).read_bytes())  # replaced (a new etag) ...
+    assert storage.cached_locally(f"{remote}/{shards[0]}") not in {str(p) for p in copies}  # ... downloaded again
 
 
 def emulator(action: str) -> None:
