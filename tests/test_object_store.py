@@ -107,6 +107,21 @@ def test_run_on_the_store_stopped_and_resumed_ends_as_the_local_run(store_root, 
 
 
 @pytest.mark.objectstore
+@pytest.mark.slow
+def test_killed_during_an_upload_the_run_resumes_from_the_previous_checkpoint(store_root, shapes_dir, local_run,
+                                                                            tmp_path):
+    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/killed"
+    spec = store_spec(tmp_path, data, run)
+    killed = idiff("train", spec, check=False, env={"IDIFF_TEST_KILL_DURING_SAVE": f"{2 * SAVE}:opt"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    folder = f"{run}/checkpoints"
+    assert bf.exists(f"{folder}/opt{2 * SAVE:06d}.pt") and not bf.exists(f"{folder}/checkpoint{2 * SAVE:06d}.json")
+    resumed = idiff("train", spec)
+    assert f"start at step {SAVE}" in resumed.stderr
+    assert_same_tensors(final_weights(run), local_run["weights"])
+
+
+@pytest.mark.objectstore
 def test_keep_last_deletes_exactly_the_pruned_blobs(store_root, shapes_dir, tmp_path):
     local, run = tmp_path / "local", f"{store_root}/runs/kept"
     for run_dir in (run, local):
@@ -182,6 +197,24 @@ def test_a_store_away_longer_than_the_retry_window_ends_the_run_resumable(store_
     assert waited < 3 + storage.BACKOFF_MAX_S + storage.REQUEST_TIMEOUT_S + 10, waited
     assert f"{store_root}/" in err and "the store did not answer for" in err and "Traceback" not in err
     idiff("train", spec)  # back: it resumes from its last complete checkpoint, to the uninterrupted run's weights
+    assert_same_tensors(final_weights(run), local_run["weights"])
+
+
+@pytest.mark.objectstore
+@pytest.mark.slow
+def test_a_store_away_within_the_retry_window_changes_nothing(store_root, shapes_dir, local_run, tmp_path):
+    controllable_emulator()
+    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/back"
+    proc = start_idiff("train", store_spec(tmp_path, data, run), env={storage.RETRY_SECONDS_VARIABLE: "120"})
+    try:
+        wait_for_step(run, 2, proc)
+        emulator("pause")
+        time.sleep(5)
+    finally:
+        emulator("start")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "failed; trying again for up to" in err  # it did meet the store away
     assert_same_tensors(final_weights(run), local_run["weights"])
 
 
