@@ -5,6 +5,7 @@ that fails is tried again with backoff for at most IDIFF_STORE_RETRY_S seconds, 
 StoreUnavailable (exit 75: resumable), and sooner once a stop was asked for (``give_up_retrying_when``).
 """
 
+import binascii
 import contextlib
 import fcntl
 import hashlib
@@ -178,7 +179,7 @@ def _checked(query: Callable[[str], bool]) -> Callable[[str], bool]:
                     raise UserError(f"{path}: {root} does not exist (or these credentials cannot see it): create "
                                     f"it first (blobfile cannot create containers or buckets)")
                 _reachable.add(root)
-        except bf.Error as err:  # blobfile's failures that retrying cannot mend: no or wrong credentials
+        except (bf.Error, binascii.Error) as err:  # what retrying cannot mend: no, wrong or malformed credentials
             first_line = _QUERY.sub("", str(err).splitlines()[0])[:300]
             raise UserError(f"{path}: {first_line}; check the credentials in the environment "
                             f"(docs/object-stores.md)") from None
@@ -189,6 +190,13 @@ def _checked(query: Callable[[str], bool]) -> Callable[[str], bool]:
 
 exists = _checked(bf.exists)
 isdir = _checked(bf.isdir)
+
+
+def check_store(path) -> None:
+    """For a store path: a UserError naming it unless the credentials reach its container or bucket, and that
+    exists (a job checks its inputs so, before it claims its run dir)."""
+    if is_remote(path):
+        exists(path)
 
 
 # ----------------------------------------------------------------------------- links inside run dirs

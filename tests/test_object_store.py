@@ -2,6 +2,7 @@
 weights, files and refusals as on a local disk, a store that goes away ends the run resumable in bounded time,
 and the account key appears nowhere."""
 
+import contextlib
 import json
 import os
 import signal
@@ -122,6 +123,7 @@ def test_killed_during_an_upload_the_run_resumes_from_the_previous_checkpoint(st
 
 
 @pytest.mark.objectstore
+@pytest.mark.slow
 def test_keep_last_deletes_exactly_the_pruned_blobs(store_root, shapes_dir, tmp_path):
     local, run = tmp_path / "local", f"{store_root}/runs/kept"
     for run_dir in (run, local):
@@ -177,22 +179,33 @@ def controllable_emulator() -> None:
         pytest.skip(problem)
 
 
+def start_with_the_store(store_root, shapes_dir, tmp_path, name: str, retry_s: int, **train):
+    """A training run on the store, with IDIFF_STORE_RETRY_S=``retry_s``: (spec path, run dir, process)."""
+    controllable_emulator()
+    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/{name}"
+    spec = store_spec(tmp_path, data, run, **train)
+    return spec, run, start_idiff("train", spec, env={storage.RETRY_SECONDS_VARIABLE: str(retry_s)})
+
+
+@contextlib.contextmanager
+def store_away(run, proc):
+    """The emulator ended once ``run`` logged step 2, and started again (with its blobs) when the block ends."""
+    wait_for_step(run, 2, proc)
+    emulator("pause")
+    try:
+        yield time.monotonic()
+    finally:
+        emulator("start")
+
+
 @pytest.mark.objectstore
 @pytest.mark.slow
 def test_a_store_away_longer_than_the_retry_window_ends_the_run_resumable(store_root, shapes_dir, local_run,
                                                                           tmp_path):
-    controllable_emulator()
-    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/away"
-    spec = store_spec(tmp_path, data, run)
-    proc = start_idiff("train", spec, env={storage.RETRY_SECONDS_VARIABLE: "3"})
-    try:
-        wait_for_step(run, 2, proc)
-        emulator("pause")
-        away = time.monotonic()
+    spec, run, proc = start_with_the_store(store_root, shapes_dir, tmp_path, "away", retry_s=3)
+    with store_away(run, proc) as away:
         _, err = proc.communicate(timeout=120)
         waited = time.monotonic() - away
-    finally:
-        emulator("start")
     assert proc.returncode == 75, err[-3000:]
     assert waited < 3 + storage.BACKOFF_MAX_S + storage.REQUEST_TIMEOUT_S + 10, waited
     assert f"{store_root}/" in err and "the store did not answer for" in err and "Traceback" not in err
@@ -203,15 +216,9 @@ def test_a_store_away_longer_than_the_retry_window_ends_the_run_resumable(store_
 @pytest.mark.objectstore
 @pytest.mark.slow
 def test_a_store_away_within_the_retry_window_changes_nothing(store_root, shapes_dir, local_run, tmp_path):
-    controllable_emulator()
-    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/back"
-    proc = start_idiff("train", store_spec(tmp_path, data, run), env={storage.RETRY_SECONDS_VARIABLE: "120"})
-    try:
-        wait_for_step(run, 2, proc)
-        emulator("pause")
+    _, run, proc = start_with_the_store(store_root, shapes_dir, tmp_path, "back", retry_s=120)
+    with store_away(run, proc):
         time.sleep(5)
-    finally:
-        emulator("start")
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     assert "failed; trying again for up to" in err  # it did meet the store away
@@ -221,20 +228,13 @@ def test_a_store_away_within_the_retry_window_changes_nothing(store_root, shapes
 @pytest.mark.objectstore
 @pytest.mark.slow
 def test_a_stop_is_honoured_while_the_store_is_away(store_root, shapes_dir, tmp_path):
-    controllable_emulator()
-    data, run = upload(shapes_dir, f"{store_root}/shapes"), f"{store_root}/runs/stopped"
-    proc = start_idiff("train", store_spec(tmp_path, data, run, max_steps=400),
-                       env={storage.RETRY_SECONDS_VARIABLE: "600"})
-    try:
-        wait_for_step(run, 2, proc)
-        emulator("pause")
+    _, run, proc = start_with_the_store(store_root, shapes_dir, tmp_path, "stopped", retry_s=600, max_steps=400)
+    with store_away(run, proc):
         time.sleep(2)  # the run meets the store away ...
         proc.send_signal(signal.SIGTERM)  # ... and is stopped: it ends long before the 600 s of retries
         stopped = time.monotonic()
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - stopped
-    finally:
-        emulator("start")
     assert proc.returncode == 75, err[-3000:]
     assert took < storage.BACKOFF_MAX_S + storage.REQUEST_TIMEOUT_S + 10, took
     assert "a stop was asked for while the store did not answer" in err
@@ -250,6 +250,13 @@ def test_wrong_key_and_missing_container_exit_2_before_the_run_dir_is_claimed(st
     assert run in refused.stderr and "credentials" in refused.stderr and "Traceback" not in refused.stderr
     assert wrong_key not in refused.stderr + refused.stdout
     assert blobs(store_root) == {}
+
+    data, local_run_dir = upload(shapes_dir, f"{store_root}/shapes"), tmp_path / "local-run"
+    for key in (wrong_key, "not base64!"):  # the data on the store: refused alike, before the run dir exists
+        refused = idiff("train", store_spec(tmp_path, data, local_run_dir), check=False,
+                        env={"AZURE_STORAGE_KEY": key})
+        assert refused.returncode == 2 and data in refused.stderr, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr and not local_run_dir.exists()
 
     missing = f"{store_root}-missing/runs/refused"
     refused = idiff("train", store_spec(tmp_path, shapes_dir, missing), check=False)

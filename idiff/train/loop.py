@@ -49,6 +49,7 @@ def train(spec, env: RankEnv, hooks) -> str:
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
 
     # Inputs: checked before anything is written.
+    storage.check_store(cfg.data_dir)
     dataset = open_images(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
                            random_flip=cfg.random_flip, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
     if spec.model.class_cond and len(dataset.classes) > spec.model.num_classes:
