@@ -84,15 +84,18 @@ def retry_seconds() -> float:
     return seconds
 
 
-_stop_checks: list[Callable[[], bool]] = []
-_gave_up = threading.Event()  # once one operation gave up, the process is ending: the others try only once
+_stop_check: Callable[[], bool] = bool  # the current job's "was a stop asked for?"; bool() is False
+_gave_up = threading.Event()  # once one operation gave up, the job is ending: the others try only once
 _last_failure = threading.local()  # what the current thread's last failed request was, for the message
 
 
 def give_up_retrying_when(stop_requested: Callable[[], bool]) -> None:
-    """While a store is away, end its retries (StoreUnavailable) as soon as ``stop_requested()`` is true: a
-    SIGTERM then ends the run within about BACKOFF_MAX_S + REQUEST_TIMEOUT_S, not when the store is back."""
-    _stop_checks.append(stop_requested)
+    """For the job starting now: while a store is away, end its retries (StoreUnavailable) as soon as
+    ``stop_requested()`` is true. A SIGTERM then ends the run within about BACKOFF_MAX_S + REQUEST_TIMEOUT_S, not
+    when the store is back."""
+    global _stop_check
+    _stop_check = stop_requested
+    _gave_up.clear()
 
 
 _QUERY = re.compile(r"\?[^\s'\"),>]*")  # a URL's query may hold a SAS token: never quoted
@@ -123,7 +126,7 @@ def _waits() -> Iterator[float]:
     base, tries = 0.1, 1
     while True:
         waited = time.monotonic() - started
-        stop = any(check() for check in _stop_checks)
+        stop = _stop_check()
         if stop or _gave_up.is_set() or waited >= window:
             _gave_up.set()
             why = "a stop was asked for while the store did not answer" if stop else \
