@@ -1,37 +1,205 @@
-"""Files on local disks or blob stores (gs://, az://) through blobfile, written atomically."""
+"""Files on local disks or blob stores (gs://, az://) through blobfile, written atomically.
 
+Importing this module sets blobfile's retry policy for the whole process (see docs/object-stores.md): a request
+that fails is tried again with backoff for at most IDIFF_STORE_RETRY_S seconds, after which the operation raises
+StoreUnavailable (exit 75: resumable), and sooner once a stop was asked for (``give_up_retrying_when``).
+"""
+
+import binascii
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import stat
 import sys
+import threading
+import time
+import urllib.parse
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import blobfile as bf
+import blobfile._common as bf_common
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import UserError
+from .errors import RunFailed, UserError
+
+# ----------------------------------------------------------------------------- which paths
+SCHEMES = ("gs://", "az://", "https://")  # what blobfile serves (https:// only as an Azure blob URL)
 
 
 def is_remote(path) -> bool:
     return "://" in str(path)
 
 
+def unsupported_scheme(path: str) -> str | None:
+    """Why ``path`` names a store that idiff cannot reach (s3://, hdfs://, ...), or None."""
+    scheme = path.split("://", 1)[0] + "://" if is_remote(path) else None
+    if scheme is None or scheme in ("gs://", "az://"):
+        return None
+    if scheme == "https://" and ".blob.core.windows.net/" in path:
+        return None
+    return (f"{scheme} paths are not supported: idiff reads and writes local paths, gs://BUCKET/... (Google Cloud "
+            f"Storage) and az://ACCOUNT/CONTAINER/... (Azure Blob Storage; also https://ACCOUNT.blob.core.windows.net/"
+            f"CONTAINER/...); see docs/object-stores.md")
+
+
+# ----------------------------------------------------------------------------- the store's retry policy
+# blobfile retries a failed request forever by default (connection and TLS errors, timeouts, 408/429/5xx): a store
+# that stops answering would hold a run, and its nodes, for as long as it is away. idiff bounds that: the tries of
+# one operation end after IDIFF_STORE_RETRY_S seconds, waits between tries grow from 0.1 s to BACKOFF_MAX_S (with
+# jitter), and then StoreUnavailable ends the run as resumable. blobfile takes its waits from
+# ``_common.exponential_sleep_generator`` at every retry loop (requests, ranged reads, streaming writes), which is
+# where the bound and the stop are checked: there is no public setting for either.
+RETRY_SECONDS_VARIABLE = "IDIFF_STORE_RETRY_S"
+DEFAULT_RETRY_SECONDS = 120.0
+BACKOFF_MAX_S = 8.0  # also how late a stop is noticed while the store is away
+REQUEST_TIMEOUT_S = 20  # blobfile's connect and read timeout of one request
+EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL, as a preempted run: nothing is lost that the next run cannot redo
+
+
+class StoreUnavailable(RunFailed):
+    """A store did not answer for the whole retry window (or a stop came while it was away)."""
+
+    exit_code = EXIT_STORE_UNAVAILABLE
+
+
+def retry_seconds() -> float:
+    text = os.environ.get(RETRY_SECONDS_VARIABLE, "")
+    try:
+        seconds = float(text) if text else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UserError(f"{RETRY_SECONDS_VARIABLE}={text!r}: expected a number of seconds >= 0")
+    return seconds
+
+
+_stop_check: Callable[[], bool] = bool  # the current job's "was a stop asked for?"; bool() is False
+_gave_up = threading.Event()  # once one operation gave up, the job is ending: the others try only once
+_last_failure = threading.local()  # what the current thread's last failed request was, for the message
+
+
+def give_up_retrying_when(stop_requested: Callable[[], bool]) -> None:
+    """For the job starting now: while a store is away, end its retries (StoreUnavailable) as soon as
+    ``stop_requested()`` is true. A SIGTERM then ends the run within about BACKOFF_MAX_S + REQUEST_TIMEOUT_S, not
+    when the store is back."""
+    global _stop_check
+    _stop_check = stop_requested
+    _gave_up.clear()
+
+
+_QUERY = re.compile(r"\?[^\s'\"),>]*")  # a URL's query may hold a SAS token: never quoted
+
+
+def _failed_request(message: str) -> None:
+    """blobfile's log callback, called on each failed try before its wait: remembered for StoreUnavailable."""
+    request = re.search(r"method=(\w+) url=(\S+)", message)
+    what = f"{request.group(1)} {_store_path(request.group(2))}" if request else \
+        message.split(" when executing")[0][:200]
+    reason = re.search(r"(unexpected status \d+|Connection refused|timed out|Name or service not known|"
+                       r"SSL[A-Za-z]*Error|Connection reset|RemoteDisconnected)", message)
+    _last_failure.text = _QUERY.sub("", f"{what} ({reason.group(1) if reason else 'request failed'})")
+
+
+def _store_path(url: str) -> str:
+    """The az:// path of an Azure blob URL (others as they are), for messages: what the user wrote."""
+    url = urllib.parse.unquote(_QUERY.sub("", url))
+    azure = re.fullmatch(r"https://([^./]+)\.blob\.core\.windows\.net/(.*)", url)
+    return f"az://{azure.group(1)}/{azure.group(2)}" if azure else url
+
+
+def _waits() -> Iterator[float]:
+    """blobfile's waits before each try of one operation: bounded in total time, and given up on a stop."""
+    started, window = time.monotonic(), retry_seconds()
+    _last_failure.text = None
+    yield 0.0  # the first retry comes at once: most failures are a dropped connection
+    base, tries = 0.1, 1
+    while True:
+        waited = time.monotonic() - started
+        stop = _stop_check()
+        if stop or _gave_up.is_set() or waited >= window:
+            _gave_up.set()
+            why = "a stop was asked for while the store did not answer" if stop else \
+                f"the store did not answer for {waited:.0f} s ({tries} tries; {RETRY_SECONDS_VARIABLE}={window:g})"
+            raise StoreUnavailable(f"{getattr(_last_failure, 'text', None) or 'a store request'} failed: {why}; "
+                                   f"nothing half-written is used: run the same command again once the store "
+                                   f"answers, and it resumes from the last complete checkpoint")
+        if tries in (1, 4) or tries % 10 == 0:
+            print(f"idiff: store: {_last_failure.text} failed; trying again for up to {window - waited:.0f} s",
+                  file=sys.stderr, flush=True)
+        tries += 1
+        yield min(base * random.random() + base / 2, BACKOFF_MAX_S, max(window - waited, 0.0))
+        base = min(base * 2, BACKOFF_MAX_S)
+
+
+bf_common.exponential_sleep_generator = _waits
+bf.configure(
+    log_callback=_failed_request, retry_log_threshold=0, retry_common_log_threshold=0,
+    connect_timeout=REQUEST_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
+    # blobfile would keep an account key, in plain text, in ~/.blobfile/azure_access_tokens.json (and go on
+    # using it after the key in the environment changed)
+    save_access_token_to_disk=False,
+)
+
+
 def join(*parts) -> str:
     return bf.join(*[str(p) for p in parts])
 
 
-exists = bf.exists
-isdir = bf.isdir
+_reachable: set[str] = set()  # the containers and buckets this process has seen answer
+
+
+def _store_root(path: str) -> str:
+    """The container (az://ACCOUNT/CONTAINER) or bucket (gs://BUCKET) of a store path."""
+    scheme, rest = path.split("://", 1)
+    parts = rest.split("/")
+    return f"{scheme}://" + "/".join(parts[:2] if scheme == "az" else parts[:1])
+
+
+def _checked(query: Callable[[str], bool]) -> Callable[[str], bool]:
+    """``query`` (exists, isdir) that, for a store path, refuses wrong credentials and a missing container or
+    bucket as bad input naming the path (exit 2), instead of answering False or failing with a traceback."""
+
+    def checked(path) -> bool:
+        path = str(path)
+        if not is_remote(path):
+            return query(path)
+        root = _store_root(path)
+        try:
+            answer = query(path)
+            if root not in _reachable:
+                if not answer and not bf.isdir(root):
+                    raise UserError(f"{path}: {root} does not exist (or these credentials cannot see it): create "
+                                    f"it first (blobfile cannot create containers or buckets)")
+                _reachable.add(root)
+        except (bf.Error, binascii.Error) as err:  # what retrying cannot mend: no, wrong or malformed credentials
+            first_line = _QUERY.sub("", str(err).splitlines()[0])[:300]
+            raise UserError(f"{path}: {first_line}; check the credentials in the environment "
+                            f"(docs/object-stores.md)") from None
+        return answer
+
+    return checked
+
+
+exists = _checked(bf.exists)
+isdir = _checked(bf.isdir)
+
+
+def check_store(path) -> None:
+    """For a store path: a UserError naming it unless the credentials reach its container or bucket, and that
+    exists (a job checks its inputs so, before it claims its run dir)."""
+    if is_remote(path):
+        exists(path)
 
 
 # ----------------------------------------------------------------------------- links inside run dirs
@@ -114,6 +282,40 @@ def open_for_reading(path):
     buffer, more than a shard of 64x64 samples."""
     refuse_links(path)
     return bf.BlobFile(str(path), "rb") if is_remote(path) else open(path, "rb")
+
+
+# Packed shards on a store are read one sample at a time, in a random order: each read is one ranged GET of exactly
+# the sample (blobfile's 8 MB read buffer would fetch 8 MB for a sample of a few kB), or, with IDIFF_SHARD_CACHE
+# naming a local folder, the shard is downloaded there once per machine and read like a local file
+# (benchmarks/README.md, "Object stores", has the numbers behind both).
+SHARD_CACHE_VARIABLE = "IDIFF_SHARD_CACHE"
+
+
+def open_for_ranged_reads(path):
+    """A binary file object of store ``path`` for reads at random offsets: each read is one request of its size."""
+    refuse_links(path)
+    return bf.BlobFile(str(path), "rb", buffer_size=1)
+
+
+def cached_locally(path: str) -> str:
+    """``path``; or, for a store path when IDIFF_SHARD_CACHE names a folder, its copy in that folder, downloaded
+    first if absent. The copy's name holds the blob's version (etag), so a replaced blob is downloaded again; one
+    process of the machine downloads, the others wait for it (a lock file), and an interrupted download leaves no
+    copy (written under a temporary name, then renamed)."""
+    folder = os.environ.get(SHARD_CACHE_VARIABLE)
+    if not folder or not is_remote(path):
+        return path
+    info = bf.stat(path)
+    key = hashlib.sha256(f"{path}\0{info.version or info.size}".encode()).hexdigest()[:32]
+    local = os.path.join(folder, f"{key}-{bf.basename(path)}")
+    if not os.path.exists(local):
+        os.makedirs(folder, exist_ok=True)
+        with open(f"{local}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(local):
+                with atomic_local_file(local) as copy, bf.BlobFile(path, "rb") as blob:
+                    shutil.copyfileobj(blob, copy, 8 << 20)
+    return local
 
 
 def makedirs(path) -> None:

@@ -6,9 +6,11 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,35 @@ def slurm_cluster_problem() -> str | None:
         return f"nodes {missing} not in this cluster: run slurm/start-cluster.sh"
     down = [node for node in SLURM_NODES if states[node].rstrip("*~#") not in ("idle", "mix", "alloc")]
     return f"nodes {down} are not up: run slurm/start-cluster.sh" if down else None
+
+
+AZURITE = Path(__file__).resolve().parents[1] / "objectstore"  # azurite.sh and containers.py
+
+
+def objectstore_problem() -> str | None:
+    """Why no Azure Blob store (the Azurite emulator of objectstore/azurite.sh) answers az:// paths here, or None."""
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT")
+    if not account or not os.environ.get("AZURE_STORAGE_KEY"):
+        return ("AZURE_STORAGE_ACCOUNT / AZURE_STORAGE_KEY unset: no object store here (sudo bash "
+                "objectstore/azurite.sh start prints them)")
+    host = f"{account}.blob.core.windows.net"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as err:
+        return f"{host}:443 does not answer ({err}): start the emulator with sudo bash objectstore/azurite.sh start"
+    return None
+
+
+@pytest.fixture
+def store_root():
+    """A container of its own on the emulator, for one test: ``az://ACCOUNT/CONTAINER``, deleted afterwards
+    (blobfile cannot create a container, objectstore/containers.py can)."""
+    require_service(objectstore_problem())
+    container = f"test-{uuid.uuid4().hex[:12]}"
+    subprocess.run([sys.executable, AZURITE / "containers.py", container], check=True, capture_output=True, timeout=60)
+    yield f"az://{os.environ['AZURE_STORAGE_ACCOUNT']}/{container}"
+    subprocess.run([sys.executable, AZURITE / "containers.py", container, "--delete"], capture_output=True,
+                   timeout=60)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -141,9 +141,9 @@ class _Shard:
     """One open shard: ranged reads by offset (pread locally, a ranged GET through blobfile on a store)."""
 
     def __init__(self, path: str, size: int):
-        self.path = path
+        self.path = path = storage.cached_locally(path)  # a store's shard, or its local copy (IDIFF_SHARD_CACHE)
         if storage.is_remote(path):  # a short read finds a truncated shard there, without a stat
-            self.fd, self.blob = None, bf.BlobFile(path, "rb")
+            self.fd, self.blob = None, storage.open_for_ranged_reads(path)
             return
         try:
             self.fd, self.blob = os.open(path, os.O_RDONLY), None

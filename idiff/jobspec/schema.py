@@ -32,6 +32,7 @@ from ..diffusion.timestep_sampler import SCHEDULE_SAMPLERS
 from ..diffusion.unipc import VARIANTS as UNIPC_VARIANTS
 from ..errors import brief
 from ..models.architecture import attention_factors, parse_channel_mult
+from ..storage import unsupported_scheme
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -62,6 +63,9 @@ def check_path(value: str) -> str:
     means the same on every node and in every shell) and NUL bytes (which no file name holds) are refused."""
     if "\x00" in value:
         raise ValueError("contains a NUL byte, which no path can hold")
+    unsupported = unsupported_scheme(value)
+    if unsupported:
+        raise ValueError(unsupported)
     if value.startswith("~"):
         raise ValueError(f"{brief(value)} starts with ~, which idiff does not expand: write the path out, e.g. "
                          f"{brief(os.path.expanduser(value))}")

@@ -106,6 +106,7 @@ def setup(spec, env: RankEnv, hooks) -> Training:
     newest checkpoint of the run dir or from train.resume_checkpoint."""
     cfg, device = spec.train, env.device
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    storage.check_store(cfg.data_dir)  # inputs are checked before anything is written
     dataset = open_images(cfg.data_dir, spec.model.output_size, class_cond=spec.model.class_cond,
                           random_flip=cfg.random_flip, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
     if spec.model.class_cond and len(dataset.classes) > spec.model.num_classes:
@@ -119,6 +120,7 @@ def setup(spec, env: RankEnv, hooks) -> Training:
     if cfg.resume_checkpoint:  # a bad file fails here; restore() loads it for good
         load_weights(model, cfg.resume_checkpoint, "train.resume_checkpoint")
     run_dir = hooks.begin()
+    storage.give_up_retrying_when(hooks.should_suspend)  # a stop ends the retries of a store that is away
     if spec.model.class_cond and env.is_main:
         storage.atomic_write_text(run_dir.classes_file, json.dumps(dataset.classes, indent=1))
 
