@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_spec, write_spec
 
 from idiff.cli import main as idiff_main
-from idiff.jobspec.schema import Resources
+from idiff.jobspec.resources import Resources
 from idiff.launch.commands import RESOURCE_FLAGS
 from idiff.launch.commands import main as submit_main
 

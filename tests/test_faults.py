@@ -30,7 +30,7 @@ from conftest import (
 )
 from test_train_resume import logged_step, wait_for
 
-from idiff.jobspec.schema import HANG_TIMEOUT_FLOOR_S
+from idiff.jobspec.resources import HANG_TIMEOUT_FLOOR_S
 from idiff.launch.local import GRACE_S
 from idiff.ranks.faults import EXIT_HUNG
 from idiff.ranks.watchdog import AUTO_MIN_S, FIRST_PROGRESS_S, Watchdog

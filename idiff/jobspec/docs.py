@@ -4,16 +4,8 @@ import typing
 
 from pydantic import BaseModel
 
-from .schema import (
-    ContainerSection,
-    DiffusionSection,
-    EvaluateSection,
-    ModelSection,
-    Resources,
-    SampleSection,
-    TrainEvaluateSection,
-    TrainSection,
-)
+from .resources import ContainerSection, Resources
+from .schema import DiffusionSection, EvaluateSection, ModelSection, SampleSection, TrainEvaluateSection, TrainSection
 
 SECTIONS = [
     ("model", ModelSection), ("diffusion", DiffusionSection), ("train", TrainSection),

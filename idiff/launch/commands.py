@@ -5,7 +5,7 @@ import typing
 
 from ..errors import UserError, guarded, report
 from ..jobspec.load import apply_overrides, parse_spec
-from ..jobspec.schema import Resources
+from ..jobspec.resources import Resources
 from ..run_dir import RunDir, is_sweep_dir
 from .chain import load_chain
 from .submit import submit, submit_chain
@@ -13,14 +13,19 @@ from .sweep import MAX_POINTS, plan_sweep, resume_sweep, submit_sweep
 
 
 def _scalar_type(annotation):
-    """int or str for a field of that type (optional or not; a constrained str is a str), else None."""
+    """int or str for a field that one word sets (optional or not; a constrained str is a str; a float, such as
+    a duration that also reads "90s", is passed on as the text given), else None."""
     if typing.get_origin(annotation) in (dict, list):
         return None
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _scalar_type(typing.get_args(annotation)[0])
     candidates = [a for a in (annotation, *typing.get_args(annotation)) if a is not type(None)]
     for candidate in candidates:
         base = typing.get_args(candidate)[0] if typing.get_origin(candidate) is typing.Annotated else candidate
         if base in (int, str):
             return base
+        if base is float:
+            return str
     return None
 
 

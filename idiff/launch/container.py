@@ -14,7 +14,7 @@ import shutil
 
 from .. import storage
 from ..errors import UserError
-from ..jobspec.schema import MOUNT_PATH
+from ..jobspec.resources import MOUNT_PATH
 
 # What a rank reads from its environment: Slurm's and submitit's description of the task (idiff's
 # RankEnv, submitit.JobEnvironment), thread and GPU settings, and where runs go by default.

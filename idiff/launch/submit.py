@@ -20,7 +20,7 @@ import yaml
 from .. import storage
 from ..errors import UserError
 from ..jobspec.load import dump_spec, parse_spec
-from ..jobspec.schema import refuse_control_characters
+from ..jobspec.resources import refuse_control_characters
 from ..ranks.env import RankEnv, port_for_job
 from ..ranks.faults import why_not_requeue
 from ..ranks.signals import PreemptionFlag
