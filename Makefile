@@ -1,11 +1,12 @@
-# The two commands a newcomer needs:  make demo  (install + the demo job end to end)  and  make test.
+# The two commands a newcomer needs:  make demo  (install + the demo job end to end)  and  make test  (the fast
+# tests, minutes). make test-all runs every test, the slow ones (processes, real training, Inception) too; CI runs it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torchvision (for torch-fidelity's FID) must match torch exactly; this pair also runs on CPUs.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-all lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,11 @@ demo: install data/synthetic
 
 test: install
 	$(BIN)/idiff validate jobs/*.yaml
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -m "not slow" --durations=15
+
+test-all: install
+	$(BIN)/idiff validate jobs/*.yaml
+	$(BIN)/python -m pytest --durations=25
 
 lint: install
 	$(BIN)/ruff check .

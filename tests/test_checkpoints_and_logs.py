@@ -153,6 +153,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_exits_1_naming_the_folder_and_keeps_the_last_complete_checkpoint(shapes_dir, small_disk):
     run_dir = small_disk / "run"
     spec = tiny_spec(shapes_dir, run_dir, max_steps=4, save_interval=2, num_workers=0)
@@ -192,6 +193,7 @@ def logged_steps(run_dir) -> tuple[list, list]:
     return jsonl, rows
 
 
+@pytest.mark.slow
 def test_a_run_preempted_after_logging_past_its_checkpoint_logs_each_step_once(finished_run, tmp_path):
     run_dir, spec_path = copied(finished_run, tmp_path)
     (run_dir / "checkpoints" / "checkpoint000008.json").unlink()  # as if stopped before checkpoint 8 counted
@@ -202,6 +204,7 @@ def test_a_run_preempted_after_logging_past_its_checkpoint_logs_each_step_once(f
     assert logged_steps(run_dir) == (list(range(1, STEPS + 1)), list(range(1, STEPS + 1)))
 
 
+@pytest.mark.slow
 def test_garbage_lines_and_a_bad_manifest_do_not_crash_status_or_a_resume(finished_run, tmp_path, capsys):
     run_dir, spec_path = copied(finished_run, tmp_path)
     for name in ("log.jsonl", "jobs.jsonl"):
@@ -223,6 +226,7 @@ def test_garbage_lines_and_a_bad_manifest_do_not_crash_status_or_a_resume(finish
     assert logged_steps(run_dir) == (list(range(1, STEPS + 1)), list(range(1, STEPS + 1)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_earlier_version_holding_rng_states_still_resumes_exactly(finished_run, tmp_path):
     """Earlier versions saved every rank's torch, numpy and python RNG states in state{S}.pt; they are ignored
     now (dropout is reseeded from the step), and the run still ends as an uninterrupted one."""

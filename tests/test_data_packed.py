@@ -117,6 +117,7 @@ def test_a_run_resumes_across_the_folder_and_its_packed_copy(folder, packed, tmp
         open_images(packed, 16)
 
 
+@pytest.mark.slow
 def test_training_on_a_packed_copy_gives_the_same_weights(shapes_dir, tmp_path):
     packed_shapes = packed_copy(shapes_dir, tmp_path / "shapes", size=16, workers=1)
     for name, data in (("folder", shapes_dir), ("packed", packed_shapes)):

@@ -18,6 +18,7 @@ def evaluate_spec(root, name, **evaluate):
     return write_spec(Path(root) / f"{name}.yaml", spec), run_dir
 
 
+@pytest.mark.slow
 def test_nll_over_two_ranks_equals_one_rank(trained, shapes_dir):
     options = {"metrics": ["nll"], "from_run": str(trained["run"]), "data_dir": shapes_dir, "num_samples": 6,
                "batch_size": 4}
@@ -44,6 +45,7 @@ def test_nll_over_two_ranks_equals_one_rank(trained, shapes_dir):
     assert nll_2["bpd"] == pytest.approx(nll["bpd"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fid_is_and_precision_recall_of_a_sample_run_against_its_image_files(images, inception_weights, tmp_path):
     spec_path, run_dir = evaluate_spec(tmp_path, "fidelity", metrics=["fid", "inception_score", "precision_recall"],
                                        samples=images["sample_run"], reference=images["reference_folder"],
@@ -59,6 +61,7 @@ def test_fid_is_and_precision_recall_of_a_sample_run_against_its_image_files(ima
     assert metrics["precision_recall"]["precision"] == metrics["precision_recall"]["recall"] == 1
 
 
+@pytest.mark.slow
 def test_fid_grows_with_the_noise_added(images, inception_weights):
     # Noise level 0, FID(x, x) ~ 0, is the test above: each level costs 2 x NUM_IMAGES Inception passes.
     fid = [fidelity_metrics(fidelity_inputs(images[sigma], images["reference"], ["fid"], inception_weights),

@@ -3,7 +3,11 @@ in its history, and ends bit for bit where a run asked for the longer length fro
 
 import json
 
+import pytest
 from conftest import assert_same_tensors, final_files, idiff_in_process, tiny_spec, write_spec
+
+# Real training runs in processes: `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
 
 
 def test_a_run_extended_from_4_to_6_steps_equals_a_run_of_6(tmp_path, shapes_dir):

@@ -35,6 +35,9 @@ from idiff.launch.local import GRACE_S
 from idiff.ranks.faults import EXIT_HUNG
 from idiff.ranks.watchdog import AUTO_MIN_S, FIRST_PROGRESS_S, Watchdog
 
+# Processes, real training and Inception: minutes on 2 cores, so `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 INJECTOR = str(Path(__file__).resolve().parent / "fault_injection")
 STEPS, SAVE = 24, 8
 HANG_TIMEOUT = HANG_TIMEOUT_FLOOR_S

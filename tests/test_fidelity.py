@@ -14,6 +14,9 @@ from idiff.fidelity.cache import ReferenceCache
 from idiff.storage import file_digest
 from idiff.train.checkpoint_evaluations import record_evaluation
 
+# Processes, real training and Inception: minutes on 2 cores, so `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 ALL = ["fid", "sfid", "inception_score", "precision_recall"]
 
 

@@ -19,6 +19,9 @@ from idiff import storage
 from idiff.data import ShardedLoader, open_images
 from idiff.data.pack import FolderSource, pack
 
+# Processes, real training and Inception: minutes on 2 cores, so `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 STEPS, SAVE = 12, 4
 FINAL = [f"model{STEPS:06d}.pt", f"opt{STEPS:06d}.pt", f"ema_0.9_{STEPS:06d}.pt", f"ema_0.99_{STEPS:06d}.pt"]
 

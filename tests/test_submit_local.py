@@ -6,7 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import TEST_ENV, assert_same_tensors, final_files, idiff, tiny_spec, write_spec
+
+# Real training runs in processes: `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
 
 
 def test_local_executor_runs_two_ranks_like_nproc_2(shapes_dir, tmp_path):

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import assert_same_tensors, copy_run, final_files, idiff, start_idiff, tiny_spec, write_spec
 
+# Processes, real training and Inception: minutes on 2 cores, so `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 STEPS, SAVE = 40, 8
 
 

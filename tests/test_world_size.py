@@ -17,6 +17,9 @@ from conftest import (
     write_spec,
 )
 
+# Processes, real training and Inception: minutes on 2 cores, so `make test-all` (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 STEPS = 6
 
 
