@@ -50,7 +50,10 @@ def test_fid_is_and_precision_recall_of_a_sample_run_against_its_image_files(ima
     spec_path, run_dir = evaluate_spec(tmp_path, "fidelity", metrics=["fid", "inception_score", "precision_recall"],
                                        samples=images["sample_run"], reference=images["reference_folder"],
                                        inception_weights=inception_weights)
-    idiff("evaluate", spec_path)
+    stderr = idiff("evaluate", spec_path).stderr
+    # Inception on a CPU takes minutes at scale: each image set's pass shows its progress.
+    for what in ("samples", "reference"):
+        assert re.search(rf"^inception {what}: img {NUM_IMAGES}/{NUM_IMAGES} \(100\.0%\)", stderr, re.M), stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for name in ("fid", "inception_score", "precision_recall"):
         assert json.loads((run_dir / "eval" / f"{name}.json").read_text()) == metrics[name]

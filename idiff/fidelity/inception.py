@@ -18,6 +18,7 @@ import torch
 
 from .. import storage
 from ..errors import UserError
+from ..progress import Progress
 
 NETWORK = "inception-v3-compat"
 POOL_LAYER, LOGITS_LAYER = "2048", "logits_unbiased"
@@ -84,10 +85,11 @@ class Inception:
         self.network.Mixed_6d.branch1x1.register_forward_hook(
             lambda module, inputs, output: self._spatial.append(output[:, :SPATIAL_CHANNELS]))
 
-    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def features(self, images: np.ndarray, what: str = "images") -> dict[str, np.ndarray]:
         """{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]} float32 (as computed; 50,000 samples
-        take 1 GB), of uint8 NHWC ``images``."""
+        take 1 GB), of uint8 NHWC ``images``; progress on ``what`` (minutes on a CPU) goes to stderr."""
         out = {"pool": [], "spatial": [], "logits": []}
+        progress = Progress(len(images), desc=f"inception {what}", unit="img")
         with torch.no_grad():
             for start in range(0, len(images), BATCH):
                 batch = torch.from_numpy(np.ascontiguousarray(images[start:start + BATCH])).permute(0, 3, 1, 2)
@@ -96,4 +98,6 @@ class Inception:
                 spatial = self._spatial[0].permute(0, 2, 3, 1).flatten(1)  # NHWC order, as TF's
                 for name, value in (("pool", pool), ("spatial", spatial), ("logits", logits)):
                     out[name].append(value.float().cpu().numpy())
+                progress.update(len(batch))
+        progress.close()
         return {name: np.concatenate(values) for name, values in out.items()}

@@ -89,7 +89,7 @@ def reference_features(reference: Reference, size, inception, weights_sha256: st
 
 def _compute(source: ImageSource, size, inception, with_moments: bool) -> dict[str, np.ndarray]:
     images = load_images(source, size)
-    features = inception.features(images)
+    features = inception.features(images, "reference")
     entry = {"pr_features": features["pool"][pr_subset(len(images))]}
     if with_moments:
         pool, spatial = Moments.of(features["pool"]), Moments.of(features["spatial"])

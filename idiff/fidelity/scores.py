@@ -79,7 +79,7 @@ def fidelity_metrics(inputs: FidelityInputs, metrics, device, cache: ReferenceCa
     inception = Inception(inputs.weights, device)
     ref = reference_features(inputs.reference, inputs.size, inception, inputs.weights.sha256,
                              "precision_recall" in metrics, cache or ReferenceCache())
-    features = inception.features(load_images(inputs.samples, inputs.size))
+    features = inception.features(load_images(inputs.samples, inputs.size), "samples")
     n = inputs.set_size
     per_set = [_scores({k: v[i * n:(i + 1) * n] for k, v in features.items()}, ref, metrics)
                for i in range(inputs.run.seed_sets)]
