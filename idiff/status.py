@@ -298,7 +298,7 @@ def run_cost(history: list[dict]) -> dict | None:
             "s_per_kimg": 1000 * wall / images if images else None, "peak_memory_mb": max(peaks, default=None),
             "restarts": sum(1 for e in history if e["event"] == "start") - 1, "lost_steps": total("lost_steps"),
             "requeue_queued_s": total("queued_s", lambda c: (c.get("restart_count") or 0) > 0),
-            "evaluation_s": total("evaluation_s")}
+            "evaluation_s": total("evaluation_s"), "checkpoint_s": total("checkpoint_s")}
 
 
 def add_costs(costs: list[dict | None]) -> dict | None:
@@ -307,7 +307,8 @@ def add_costs(costs: list[dict | None]) -> dict | None:
     if not known:
         return None
     summed = {k: sum(c[k] or 0 for c in known) for k in ("jobs", "wall_s", "node_hours", "gpu_hours", "restarts",
-                                                         "lost_steps", "requeue_queued_s", "evaluation_s")}
+                                                         "lost_steps", "requeue_queued_s", "evaluation_s",
+                                                         "checkpoint_s")}
     return {**summed, "peak_memory_mb": max((c["peak_memory_mb"] for c in known if c["peak_memory_mb"]), default=None),
             "images_per_s": None, "s_per_kimg": None}
 
@@ -323,7 +324,8 @@ def cost_line(cost: dict | None, label: str = "cost") -> list[str]:
         text += f", peak {cost['peak_memory_mb']:.0f} MB/rank"
     return [text + f", {cost['restarts']} restart(s), {cost['lost_steps']} step(s) lost, "
                    f"{format_duration(cost['requeue_queued_s'])} queued after requeues, "
-                   f"{format_duration(cost['evaluation_s'])} evaluating"]
+                   f"{format_duration(cost['evaluation_s'])} evaluating, "
+                   f"{format_duration(cost['checkpoint_s'])} checkpointing"]
 
 
 SWEEP_COLUMNS = ("point", "state", "step", "loss", "eval", "eta", "node-h", "GPU-h", "restarts", "lost")

@@ -26,5 +26,7 @@ def test_steps_logged_past_the_last_checkpoint_count_as_lost_when_the_run_resume
         assert cost["nodes"] == 1 and cost["gpus"] == 0 and cost["gpu_hours"] == 0
         assert cost["node_hours"] * 3600 == pytest.approx(cost["wall_s"]) and cost["wall_s"] > 0
         assert cost["s_per_kimg"] > 0 and len(cost["peak_memory_mb"]) == 1
+        # each job saved at least its final checkpoint and waited for it
+        assert 0 < cost["checkpoint_s"] < cost["wall_s"]
     status = idiff_in_process("status", tmp_path / "run").stdout
     assert "cost: 2 job(s)" in status and "1 restart(s), 2 step(s) lost" in status

@@ -12,6 +12,8 @@ per run, chain and sweep.
 | ``lost_steps`` | steps the job trains again: logged by an earlier job past the checkpoint it resumed from |
 | ``queued_s`` | seconds from (re)queueing to the start, from Slurm's accounting (sacct): lost after a requeue |
 | ``evaluation_s`` | seconds the job spent evaluating its checkpoints itself (``train.evaluate`` off Slurm) |
+| ``checkpoint_s`` | seconds training spent on checkpoints: copying the state for the background writer, waiting |
+|                  | for it (at the end, on a stop, before the next save) |
 """
 
 import os
@@ -74,6 +76,7 @@ class CostMeter:
         self.spec, self.env = spec, env
         self.started = time.monotonic()
         self.evaluation_s = 0.0  # added to by the hooks that evaluate checkpoints here
+        self.checkpoint_s = 0.0  # set by the training loop at its end
         self.start_step = self.lost_steps = None
         if spec.kind == "train" and env.is_main:
             run_dir = RunDir(spec.run_dir)
@@ -92,7 +95,8 @@ class CostMeter:
         nodes, gpus = _allocation(self.env)
         cost = {"wall_s": wall, "nodes": nodes, "gpus": gpus, "node_hours": nodes * wall / 3600,
                 "gpu_hours": gpus * wall / 3600, "peak_memory_mb": [round(p, 1) for p in peaks],
-                "restart_count": self.env.restart_count, "evaluation_s": round(self.evaluation_s, 3)}
+                "restart_count": self.env.restart_count, "evaluation_s": round(self.evaluation_s, 3),
+                "checkpoint_s": round(self.checkpoint_s, 3)}
         if self.start_step is not None:
             images = (_newest_checkpoint(RunDir(self.spec.run_dir)) - self.start_step) * self.spec.train.batch_size
             cost.update(images=images, images_per_s=images / wall if wall else 0.0,

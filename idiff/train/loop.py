@@ -200,6 +200,8 @@ def train(spec, env: RankEnv, hooks) -> str:
         checkpoints.wait()
     if run.log is not None:
         run.log.close()
+    if hooks.cost is not None:
+        hooks.cost.checkpoint_s = checkpoints.seconds
     if env.world_size > 1:
         dist.barrier()
     return status

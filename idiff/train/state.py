@@ -10,6 +10,7 @@ Checkpoints of earlier idiff versions also hold per-rank RNG states, which are i
 """
 
 import sys
+import time
 import warnings
 
 import torch
@@ -145,18 +146,28 @@ class Checkpoints:
         self.store, self.on_complete = store, on_complete
         self.keep_last, self.keep_every = keep_last, keep_every
         self.writer = BackgroundWriter(store) if is_main else None
+        self.seconds = 0.0  # the training thread's time in saves and waits for the writer (EDM2's maintenance)
 
     def save(self, state: TrainState, *, wait: bool = False) -> None:
         """Checkpoint ``state.step``; ``wait``: until it is complete (before the job ends or is requeued)."""
         self.wait()
+        started = time.monotonic()
         if self.writer is not None:
             self.writer.submit(state.step, state.state_dict(), state.manifest_fields(),
                                after=lambda: self.store.prune(self.keep_last, self.keep_every))
+        self.seconds += time.monotonic() - started
         if wait:
             self.wait()
 
     def wait(self) -> None:
         """Until rank 0's write is done; one that failed (a full disk) stops every rank, exit 1. A collective."""
+        started = time.monotonic()
+        try:
+            self._wait()
+        finally:
+            self.seconds += time.monotonic() - started
+
+    def _wait(self) -> None:
         failure = None
         if self.writer is not None:
             try:
