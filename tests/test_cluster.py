@@ -277,3 +277,20 @@ def test_chain_whose_training_is_preempted_resumes_and_finishes_in_order(tmp_pat
     times = [sacct_times(job) for job in jobs]
     assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]
     assert (run_dirs[2] / "metrics.json").exists()
+
+
+def test_a_run_dir_written_by_a_slurm_job_is_refused_to_a_second_writer_and_to_idiff_resume(tmp_path, shapes_dir):
+    """One writer per run dir across the cluster's nodes: the lease (a file, no flock) names the Slurm job."""
+    path, run_dir = spec_file(tmp_path, shapes_dir, "leased")
+    job = submitted_job_id(console("idiff-submit", path).stdout)
+    try:
+        wait_for_step(run_dir, 2)
+        second = idiff("train", path, check=False)  # here, on the login node
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"Slurm job {job}" in second.stderr and "is being written by process" in second.stderr
+        resumed = console("idiff-resume", run_dir, check=False)
+        assert resumed.returncode == 2 and job in resumed.stderr, resumed.stderr[-2000:]
+        assert "submitted job" not in resumed.stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"})
