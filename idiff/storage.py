@@ -564,8 +564,14 @@ def read_jsonl(path, is_valid) -> list[dict]:
     """The records of a JSON-lines file that ``is_valid`` accepts (see ``conforms``); torn lines, garbage, and
     valid JSON of the wrong shape or types are skipped, with one warning that counts them (a crash can leave
     half a line, and a run dir is untrusted input)."""
+    return parse_jsonl(read_appended(path).splitlines(), is_valid, path)
+
+
+def parse_jsonl(lines, is_valid, path) -> list[dict]:
+    """The records among ``lines`` (of the file ``path``) that ``is_valid`` accepts; the others are counted in one
+    warning."""
     records, bad = [], 0
-    for line in read_appended(path).splitlines():
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -577,7 +583,7 @@ def read_jsonl(path, is_valid) -> list[dict]:
         else:
             bad += 1
     if bad:
-        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=3)
     return records
 
 

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -306,16 +305,5 @@ def last_log_row(run_dir: RunDir) -> dict | None:
             start = max(0, os.path.getsize(path) - LOG_TAIL_BYTES)
             f.seek(start)
             lines = f.read().decode("utf-8", errors="replace").splitlines()[1 if start else 0:]  # a cut first line
-    rows, bad = [], 0
-    for line in filter(str.strip, lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and is_log_row(row):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        warnings.warn(f"{path}: skipped {bad} unreadable line(s)", stacklevel=2)
+    rows = storage.parse_jsonl(lines, is_log_row, path)
     return rows[-1] if rows else None
