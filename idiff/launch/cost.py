@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime
 
 import torch
@@ -37,7 +38,9 @@ def _newest_checkpoint(run_dir: RunDir) -> int:
 
 
 def _last_logged_step(run_dir: RunDir) -> int | None:
-    row = last_log_row(run_dir)
+    with warnings.catch_warnings():  # unreadable lines: the training log warns of them once, as it reads them
+        warnings.simplefilter("ignore")
+        row = last_log_row(run_dir)
     return row["step"] if row is not None else None
 
 
