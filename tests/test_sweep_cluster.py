@@ -69,8 +69,9 @@ def test_a_2x2_sweep_is_one_array_a_preempted_task_requeues_alone_and_every_poin
         assert {e["slurm_job_id"] for e in events if e["event"] == "start"} == {task}  # requeued: the same task
         lr, dropout = (part.split("=")[1] for part in point.split(","))
         alone = tmp_path / f"alone-{point}"
+        # With the task's one thread (cpus_per_task): another thread count sums in another order.
         idiff_in_process("train", path, "--set", f"train.lr={lr}", "--set", f"model.dropout={dropout}",
-                         "--set", f"run_dir={alone}")
+                         "--set", f"run_dir={alone}", env={"OMP_NUM_THREADS": "1"})
         assert_same_tensors(final_files(tmp_path / "grid" / point, STEPS), final_files(alone, STEPS))
 
     # Cost: the preempted point's second job resumed where the first one's checkpoint was: nothing redone
