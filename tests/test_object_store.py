@@ -13,7 +13,16 @@ from pathlib import Path
 import blobfile as bf
 import numpy as np
 import pytest
-from conftest import AZURITE, IN_CI, assert_same_tensors, idiff, idiff_in_process, start_idiff, tiny_spec, write_spec
+from conftest import (
+    AZURITE,
+    assert_same_tensors,
+    idiff,
+    idiff_in_process,
+    require_service,
+    start_idiff,
+    tiny_spec,
+    write_spec,
+)
 
 from idiff import storage
 from idiff.data import ShardedLoader, open_images
@@ -174,12 +183,10 @@ def emulator(action: str) -> None:
 
 def controllable_emulator() -> None:
     """The fault tests end and restart the emulator: they need root and the emulator of azurite.sh."""
-    if os.geteuid() != 0 or subprocess.run(["bash", str(AZURITE / "azurite.sh"), "status"],
-                                           capture_output=True).returncode != 0:
-        problem = "ending and restarting the emulator needs root and the emulator of objectstore/azurite.sh"
-        if IN_CI:
-            pytest.fail(problem)
-        pytest.skip(problem)
+    controllable = os.geteuid() == 0 and subprocess.run(["bash", str(AZURITE / "azurite.sh"), "status"],
+                                                        capture_output=True).returncode == 0
+    require_service(None if controllable else
+                    "ending and restarting the emulator needs root and the emulator of objectstore/azurite.sh")
 
 
 def start_with_the_store(store_root, shapes_dir, tmp_path, name: str, retry_s: int, **train):
