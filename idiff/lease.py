@@ -7,7 +7,10 @@ only, on local disks and on NFS alike (no ``flock``, which shared filesystems do
 A second job finding a live lease is refused (exit 2, naming the holder). A lease is stale, and taken over with a
 message, when its holder is a process of this host that is gone, when its Slurm job is no longer queued or
 running (``squeue``), when its heartbeat is older than EXPIRES_S, or when it is an earlier run of the same Slurm
-job (a requeue). Blob-store run dirs (gs://, az://) hold no lease.
+job (a requeue). A holder that none of these can judge (a process on another host or in another container, no
+Slurm job) is watched: a heartbeat that moves means it lives, one that stays until EXPIRES_S means it is gone,
+so that ``docker kill`` and the same ``docker run`` again resume within EXPIRES_S. Blob-store run dirs (gs://,
+az://) hold no lease.
 """
 
 import contextlib
@@ -27,8 +30,11 @@ from . import storage
 from .errors import UserError
 
 LEASE_NAME = "lease.json"
-HEARTBEAT_S = 30.0
-EXPIRES_S = 600.0  # 20 missed heartbeats: the holder's node is gone, or its file system no longer reaches here
+HEARTBEAT_S = 10.0
+# 9 missed heartbeats: the holder is gone. Longer than NFS's attribute caching (60 s at most by default), so that
+# a live holder's renewed lease is seen on another node before it would count as stale.
+EXPIRES_S = 90.0
+WATCH_POLL_S = 1.0
 _TAKE_ATTEMPTS = 3
 
 
@@ -69,14 +75,34 @@ def describe(holder: dict) -> str:
     return f"process {holder['pid']} on {holder['host']}{job} (heartbeat {age:.0f} s ago)"
 
 
+def verifiably_alive(holder: dict) -> bool:
+    """Whether ``holder`` is known to live: a process of this host, or a Slurm job that squeue lists."""
+    if holder["host"] == socket.gethostname():
+        return True  # stale_reason has found its process alive
+    return bool(holder["slurm_job_id"]) and slurm_job_active(holder["slurm_job_id"]) is True
+
+
+def watch(path: str, holder: dict) -> str | None:
+    """Wait while the lease at ``path`` stays as ``holder`` left it: None once its heartbeat moves (the holder
+    lives), the reason once it is older than EXPIRES_S (the holder is gone)."""
+    while True:
+        age = time.time() - holder["heartbeat"]
+        if age > EXPIRES_S:
+            return f"its heartbeat stopped {age:.0f} s ago (longer than {EXPIRES_S:.0f} s)"
+        time.sleep(min(WATCH_POLL_S, EXPIRES_S - age + 0.01))
+        _, now = read(path)
+        if now is None or now["token"] != holder["token"] or now["heartbeat"] != holder["heartbeat"]:
+            return None
+
+
 def stale_reason(holder: dict | None) -> str | None:
     """Why the lease of ``holder`` no longer holds; None while its holder may still write."""
     if holder is None:
         return "the lease file is unreadable"
     if holder["slurm_job_id"] and holder["slurm_job_id"] == this_job():
         return "it is an earlier run of this Slurm job (requeued)"
-    if holder["host"] == socket.gethostname() and not storage.pid_alive(holder["pid"]):
-        return f"process {holder['pid']} on this host is gone"
+    if holder["host"] == socket.gethostname():  # its process decides, whatever squeue says of its job
+        return None if storage.pid_alive(holder["pid"]) else f"process {holder['pid']} on this host is gone"
     if holder["slurm_job_id"] and slurm_job_active(holder["slurm_job_id"]) is False:
         return f"Slurm job {holder['slurm_job_id']} is no longer queued or running"
     if time.time() - holder["heartbeat"] > EXPIRES_S:
@@ -111,6 +137,15 @@ class Lease:
             if raw is None:
                 continue  # released meanwhile: try again
             reason = stale_reason(holder)
+            if reason is None and not verifiably_alive(holder):
+                print(f"idiff: {self.path} is held by {describe(holder)}, which cannot be checked from here: "
+                      f"waiting up to {EXPIRES_S - (time.time() - holder['heartbeat']):.0f} s for its heartbeat",
+                      file=sys.stderr, flush=True)
+                reason = watch(self.path, holder)
+                if reason is None:
+                    _, holder = read(self.path)
+                    if holder is None:
+                        continue  # released meanwhile: try again
             if reason is None:
                 raise UserError(f"{self.run_dir} is being written by {describe(holder)}, which holds {self.path}: "
                                 f"one job at a time writes a run dir (a second would log every step twice); wait "

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,17 +62,33 @@ def write_lease(run: Path, **fields) -> None:
     (run / "lease.json").write_text(json.dumps(holder))
 
 
-def test_a_lease_of_another_node_holds_until_its_heartbeat_expires(tmp_path, capsys):
+def test_a_lease_of_another_node_holds_while_its_heartbeat_moves(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lease, "EXPIRES_S", 5.0)
     write_lease(tmp_path / "run")
+    renew = threading.Timer(1.0, write_lease, [tmp_path / "run"])  # the holder beats: it lives
+    renew.start()
     with pytest.raises(UserError, match="process 1 on another-node"):
         lease.Lease(str(tmp_path / "run")).take()
-    write_lease(tmp_path / "run", heartbeat=time.time() - lease.EXPIRES_S - 1)
+    renew.join()
+    assert "cannot be checked from here: waiting up to" in capsys.readouterr().err
+
+
+def test_a_lease_of_another_node_whose_heartbeat_stops_is_taken_over_once_it_expires(tmp_path, monkeypatch, capsys):
+    """As after `docker kill`: the next container has another host name and cannot see the old process."""
+    monkeypatch.setattr(lease, "EXPIRES_S", 2.0)
+    write_lease(tmp_path / "run")
+    started = time.monotonic()
     lease.Lease(str(tmp_path / "run")).take().release()
+    assert 1.0 < time.monotonic() - started < 10
+    assert "its heartbeat stopped" in capsys.readouterr().err
+    write_lease(tmp_path / "run", heartbeat=time.time() - lease.EXPIRES_S - 1)
+    lease.Lease(str(tmp_path / "run")).take().release()  # already expired: at once
     assert f"its heartbeat is older than {lease.EXPIRES_S:.0f} s" in capsys.readouterr().err
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_earlier_lease(tmp_path, monkeypatch, capsys):
-    write_lease(tmp_path / "run", slurm_job_id="4242")
+    # Held by a live process of this host in Slurm job 4242: the process decides, whatever squeue says of 4242.
+    write_lease(tmp_path / "run", host=socket.gethostname(), pid=os.getpid(), slurm_job_id="4242")
     with pytest.raises(UserError, match="Slurm job 4242"):
         lease.Lease(str(tmp_path / "run")).take()
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
