@@ -138,9 +138,7 @@ class Lease:
                 continue  # released meanwhile: try again
             reason = stale_reason(holder)
             if reason is None and not verifiably_alive(holder):
-                print(f"idiff: {self.path} is held by {describe(holder)}, which cannot be checked from here: "
-                      f"waiting up to {EXPIRES_S - (time.time() - holder['heartbeat']):.0f} s for its heartbeat",
-                      file=sys.stderr, flush=True)
+                _say_watching(self.path, holder)
                 reason = watch(self.path, holder)
                 if reason is None:
                     _, holder = read(self.path)
@@ -206,12 +204,25 @@ def read(path) -> tuple[str | None, dict | None]:
     return raw, holder if isinstance(holder, dict) and _is_holder(holder) else None
 
 
-def holder_of(run_dir) -> dict | None:
-    """The live holder of ``run_dir``'s lease; None when there is none, or it is stale."""
+def holder_of(run_dir, watch_unchecked: bool = False) -> dict | None:
+    """The live holder of ``run_dir``'s lease; None when there is none, or it is stale. ``watch_unchecked``: a
+    holder that cannot be checked from here is watched (up to EXPIRES_S) instead of counted as live."""
     if storage.is_remote(run_dir):
         return None
-    raw, holder = read(storage.join(run_dir, LEASE_NAME))
-    return holder if raw is not None and stale_reason(holder) is None else None
+    path = storage.join(run_dir, LEASE_NAME)
+    raw, holder = read(path)
+    if raw is None or stale_reason(holder) is not None:
+        return None
+    if watch_unchecked and not verifiably_alive(holder):
+        _say_watching(path, holder)
+        if watch(path, holder) is not None:
+            return None
+    return holder
+
+
+def _say_watching(path: str, holder: dict) -> None:
+    print(f"idiff: {path} is held by {describe(holder)}, which cannot be checked from here: waiting up to "
+          f"{EXPIRES_S - (time.time() - holder['heartbeat']):.0f} s for its heartbeat", file=sys.stderr, flush=True)
 
 
 def _remove_if_unchanged(path: str, raw: str) -> None:

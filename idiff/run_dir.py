@@ -227,8 +227,9 @@ def claim_run_dir(spec, force_new: bool = False, hold: bool = False) -> RunDir:
 
 def refuse_other_writers(run_dir: RunDir, waiting_too: bool) -> None:
     """UserError (exit 2) naming the job that holds ``run_dir``'s live lease; with ``waiting_too`` also one whose
-    Slurm job recorded in jobs.jsonl is still queued or running (it will write the run dir)."""
-    holder = lease.holder_of(run_dir.path)
+    Slurm job recorded in jobs.jsonl is still queued or running (it will write the run dir). A job that is to
+    write it (not ``waiting_too``) watches a holder it cannot check, as after ``docker kill``: it may be gone."""
+    holder = lease.holder_of(run_dir.path, watch_unchecked=not waiting_too)
     if holder is not None:
         raise UserError(f"{run_dir.path} is being written by {lease.describe(holder)}: one job at a time writes a "
                         f"run dir; wait for it to end, or stop it (scancel) first")
