@@ -103,3 +103,18 @@ def test_status_reports_a_run_whose_logs_are_hostile(tmp_path, capsys):
         out = capsys.readouterr()
         assert "chain of 1 jobs" in out.out and "last log: step " in out.out and "evaluations: 5" in out.out, out.out
         assert "Traceback" not in out.err
+
+
+def test_a_fault_line_naming_a_dump_outside_faults_is_not_read(tmp_path):
+    """jobs.jsonl is untrusted: a hang event's ``dump`` that leaves faults/ shows no file's contents."""
+    from idiff.ranks.faults import fault_lines
+
+    (tmp_path / "secret.txt").write_text('  File "secret", line 1, in run_job\n')
+    run = tmp_path / "run"
+    (run / "faults").mkdir(parents=True)
+    (run / "faults" / "1-0.txt").write_text('idiff hang\n\n  File "loop.py", line 9, in run_job\n')
+    event = {"event": "hang", "time": "t", "rank": 0, "step": 3, "slurm_job_id": None, "restart_count": 0}
+    for dump, shown in (("faults/1-0.txt", True), ("../secret.txt", False), ("faults/../../secret.txt", False),
+                        (str(tmp_path / "secret.txt"), False)):
+        lines = "\n".join(fault_lines(str(run), [{**event, "dump": dump}], 10))
+        assert ('File "loop.py"' in lines) is shown and "secret" not in lines.replace(dump, ""), (dump, lines)

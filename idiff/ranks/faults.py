@@ -128,7 +128,11 @@ def why_not_requeue(run_dir: str, fault: dict) -> str | None:
 
 def _dump_head(run_dir: str, event: dict, lines: int = 3) -> list[str]:
     """The first frames of the thread that ran the job (a hang), or the innermost of the traceback (a crash)."""
-    path = storage.join(run_dir, str(event.get("dump", "")))
+    # The name comes from jobs.jsonl, untrusted: only a plain file name inside faults/ is read.
+    folder, _, name = str(event.get("dump", "")).partition("/")
+    if folder != "faults" or storage.unsafe_name_reason(name) is not None:
+        return []
+    path = storage.join(run_dir, "faults", name)
     try:
         text = storage.read_text(path)
     except (OSError, ValueError):
